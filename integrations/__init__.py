@@ -1,0 +1,1 @@
+"""Bridges to other tools: model-vs-human (shape bias) and torch-fidelity (FID/KID)."""

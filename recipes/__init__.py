@@ -1,0 +1,1 @@
+"""Reproduction recipes; each module is a script: ``python recipes/<name>.py --help``."""
