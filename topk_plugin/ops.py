@@ -9,12 +9,19 @@ Ranking is by magnitude ``|x|``. ``ties="first"`` keeps exactly K entries per ch
 (as the authors' ``torch.topk`` code does); among equal magnitudes the earliest positions
 in row-major order win, so the result is deterministic on every device. ``ties="all"``
 is Eq. 1 read literally: every entry whose magnitude is >= the K-th largest is kept.
+
+On CPU, float32/float16/bfloat16 inputs go through an exact radix-select kernel (``_select.py``) that
+writes the mask and the masked values in one pass; other devices and dtypes use the torch path below.
+Both give identical masks; autograd keeps only the boolean mask.
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
+
+from . import _select
 
 MODES = ("topk", "non_topk", "mean_replace", "identity")
 KINDS = ("spatial", "token")
@@ -46,18 +53,22 @@ def keep_count(k, positions: int) -> int:
 
 
 def _select_mask(magnitude: torch.Tensor, count: int, ties: str) -> torch.Tensor:
-    """Boolean mask of the ``count`` largest entries along the last dim of ``magnitude``."""
+    """Boolean mask of the ``count`` largest entries along the last dim of ``magnitude`` (torch path)."""
     length = magnitude.shape[-1]
     if count >= length:
         return torch.ones_like(magnitude, dtype=torch.bool)
-    # kthvalue is a linear-time selection; topk would also sort the kept values.
-    threshold = magnitude.kthvalue(length - count + 1, dim=-1, keepdim=True).values
+    # Unsorted topk is faster than kthvalue on CPU and a radix select on CUDA; its smallest value is the K-th.
+    threshold = magnitude.topk(count, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    kept = magnitude >= threshold
     if ties == "all":
-        return magnitude >= threshold
-    above = magnitude > threshold
-    at = magnitude == threshold
-    room = count - above.sum(-1, keepdim=True)
-    return above | (at & (at.cumsum(-1) <= room))
+        return kept
+    surplus = (kept.sum(-1) > count).nonzero().squeeze(1)
+    if surplus.numel():  # only rows with ties at the threshold need the (int64) running count
+        rows, row_threshold = magnitude[surplus], threshold[surplus]
+        above, at = rows > row_threshold, rows == row_threshold
+        room = count - above.sum(-1, keepdim=True)
+        kept[surplus] = above | (at & (at.cumsum(-1) <= room))
+    return kept
 
 
 def _as_channel_rows(x: torch.Tensor, kind: str, num_prefix_tokens: int):
@@ -94,6 +105,12 @@ def check_layout(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0, where: 
             raise ValueError(f"token Top-K{at}: num_prefix_tokens={num_prefix_tokens} does not fit shape {tuple(x.shape)}")
 
 
+def _positions(x: torch.Tensor, kind: str, num_prefix_tokens: int) -> int:
+    if kind == "spatial":
+        return x.shape[-2] * x.shape[-1]
+    return math.prod(x.shape[1:-1]) - num_prefix_tokens
+
+
 def topk_mask(x: torch.Tensor, k, *, kind: str = "spatial", ties: str = "first",
               num_prefix_tokens: int = 0) -> torch.Tensor:
     """Boolean mask, shaped like ``x``, of the Top-K responses of each channel (prefix tokens: True)."""
@@ -101,10 +118,13 @@ def topk_mask(x: torch.Tensor, k, *, kind: str = "spatial", ties: str = "first",
     check_choice("kind", kind, KINDS)
     check_choice("ties", ties, TIES)
     check_layout(x, kind, num_prefix_tokens)
+    count = keep_count(k, _positions(x, kind, num_prefix_tokens))
     with torch.no_grad():
+        if _select.supports(x):
+            return _select.select(x, count, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens,
+                                  values=False)[1]
         rows, restore = _as_channel_rows(x.detach(), kind, num_prefix_tokens)
-        mask = _select_mask(rows.abs(), keep_count(k, rows.shape[-1]), ties)
-        return restore(mask)
+        return restore(_select_mask(rows.abs(), count, ties))
 
 
 def _channel_mean_of_kept(x: torch.Tensor, mask: torch.Tensor, kind: str, num_prefix_tokens: int):
@@ -119,6 +139,10 @@ def _channel_mean_of_kept(x: torch.Tensor, mask: torch.Tensor, kind: str, num_pr
     return out
 
 
+def _masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return torch.where(mask, grad, grad.new_zeros(()))
+
+
 class _MaskedSelect(torch.autograd.Function):
     """``x`` where ``mask``, else 0; saves only the boolean mask for backward."""
 
@@ -130,7 +154,23 @@ class _MaskedSelect(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
-        return grad.masked_fill(~mask, 0), None
+        return _masked_grad(grad, mask), None
+
+
+class _SelectTopK(torch.autograd.Function):
+    """Top-K (or its complement) by the C kernel, mask and values in one pass; saves only the boolean mask."""
+
+    @staticmethod
+    def forward(ctx, x, count, kind, ties, num_prefix_tokens, invert):
+        y, mask = _select.select(x, count, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens,
+                                 invert=invert)
+        ctx.save_for_backward(mask)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return _masked_grad(grad, mask), None, None, None, None, None
 
 
 def topk(x: torch.Tensor, k, *, mode: str = "topk", kind: str = "spatial", ties: str = "first",
@@ -142,6 +182,9 @@ def topk(x: torch.Tensor, k, *, mode: str = "topk", kind: str = "spatial", ties:
     check_layout(x, kind, num_prefix_tokens, where)
     if mode == "identity":
         return x
+    if mode != "mean_replace" and _select.supports(x):
+        count = keep_count(k, _positions(x, kind, num_prefix_tokens))
+        return _SelectTopK.apply(x, count, kind, ties, num_prefix_tokens, mode == "non_topk")
     mask = topk_mask(x, k, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens)
     if mode == "mean_replace":
         return _channel_mean_of_kept(x, mask, kind, num_prefix_tokens)

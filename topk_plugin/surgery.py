@@ -415,15 +415,22 @@ def list_positions(model: nn.Module, example_input) -> Table:
     def shape(value):
         return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
 
-    def record(name):
-        def hook(module, args, output):
+    def enter(name):  # a pre-hook, so that parents come before their children
+        def hook(module, args):
             row = rows.setdefault(name, {"position": name, "type": type(module).__name__, "calls": 0,
-                                         "input": shape(args[0]) if args else "-", "output": shape(output)})
+                                         "input": shape(args[0]) if args else "-", "output": "-"})
             row["calls"] += 1
         return hook
 
-    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules()
-               if n and not isinstance(m, TopK) and n != CONTAINER]
+    def leave(name):
+        def hook(module, args, output):
+            rows[name]["output"] = shape(output)
+        return hook
+
+    handles = []
+    for name, module in model.named_modules():
+        if name and not isinstance(module, TopK) and name != CONTAINER:
+            handles += [module.register_forward_pre_hook(enter(name)), module.register_forward_hook(leave(name))]
     try:
         _run(model, example_input)
     finally:

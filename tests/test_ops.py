@@ -1,0 +1,236 @@
+"""Properties of the Top-K op against a plain reference written here."""
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from topk_plugin import TopK, keep_count, topk, topk_mask
+
+
+def reference_mask(x: torch.Tensor, count: int, ties: str) -> torch.Tensor:
+    """Spatial Top-K mask of (N, C, H, W), one channel at a time, by a stable descending sort."""
+    n, c, h, w = x.shape
+    rows = x.reshape(n * c, h * w).abs()
+    mask = torch.zeros_like(rows, dtype=torch.bool)
+    for i, row in enumerate(rows):
+        order = torch.sort(row, descending=True, stable=True).indices
+        if ties == "first":
+            mask[i, order[:count]] = True
+        else:
+            mask[i] = row >= row[order[min(count, row.numel()) - 1]]
+    return mask.reshape(x.shape)
+
+
+# Small integers give many ties and exact zeros, the cases where the two tie rules differ.
+tie_heavy = st.integers(-3, 3).map(float)
+shapes = st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 6), st.integers(1, 6))
+ks = st.one_of(st.floats(0.01, 1.0), st.integers(1, 40))
+
+
+@st.composite
+def feature_maps(draw, values=tie_heavy):
+    shape = draw(shapes)
+    flat = draw(st.lists(values, min_size=shape[0] * shape[1] * shape[2] * shape[3],
+                         max_size=shape[0] * shape[1] * shape[2] * shape[3]))
+    return torch.tensor(flat, dtype=torch.float32).reshape(shape)
+
+
+@settings(max_examples=150, deadline=None)
+@given(x=feature_maps(), k=ks, ties=st.sampled_from(["first", "all"]))
+def test_mask_matches_reference(x, k, ties):
+    count = keep_count(k, x.shape[2] * x.shape[3])
+    assert torch.equal(topk_mask(x, k, ties=ties), reference_mask(x, count, ties))
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=feature_maps(st.floats(-1e3, 1e3, allow_nan=False, width=32)), k=ks)
+def test_exactly_k_kept_per_channel_and_kept_dominate_dropped(x, k):
+    count = keep_count(k, x.shape[2] * x.shape[3])
+    mask = topk_mask(x, k).flatten(2)
+    assert (mask.sum(-1) == count).all()
+    magnitude = x.abs().flatten(2)
+    smallest_kept = magnitude.masked_fill(~mask, float("inf")).amin(-1)
+    largest_dropped = magnitude.masked_fill(mask, -1.0).amax(-1)
+    assert (smallest_kept >= largest_dropped).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(x=feature_maps(), k=ks)
+def test_all_ties_keeps_every_entry_equal_to_the_kth(x, k):
+    first, every = topk_mask(x, k, ties="first"), topk_mask(x, k, ties="all")
+    assert (every | ~first).all(), "ties='all' keeps a superset of ties='first'"
+    count = keep_count(k, x.shape[2] * x.shape[3])
+    kth = x.abs().flatten(2).sort(-1, descending=True).values[..., count - 1]
+    assert torch.equal(every.flatten(2), x.abs().flatten(2) >= kth[..., None])
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=feature_maps(), k=ks, mode=st.sampled_from(["topk", "non_topk"]))
+def test_topk_and_non_topk_partition_the_input(x, k, mode):
+    kept = topk(x, k, mode="topk")
+    rest = topk(x, k, mode="non_topk")
+    assert torch.equal(kept + rest, x)
+    mask = topk_mask(x, k)
+    assert torch.equal(kept, torch.where(mask, x, torch.zeros_like(x)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=feature_maps(st.floats(-10, 10, allow_nan=False, width=32)), k=ks, ties=st.sampled_from(["first", "all"]))
+def test_mean_replace_puts_the_channel_mean_of_kept_values_on_kept_positions(x, k, ties):
+    mask = topk_mask(x, k, ties=ties)
+    out = topk(x, k, mode="mean_replace", ties=ties)
+    flat_x, flat_m, flat_o = x.flatten(2), mask.flatten(2), out.flatten(2)
+    mean = (flat_x * flat_m).sum(-1) / flat_m.sum(-1)
+    expected = torch.where(flat_m, mean[..., None], torch.zeros_like(flat_x))
+    torch.testing.assert_close(flat_o, expected)
+
+
+def test_k_one_and_large_counts_are_identity():
+    x = torch.randn(2, 3, 5, 7)
+    assert torch.equal(topk(x, 1.0), x)
+    assert torch.equal(topk(x, 35), x)
+    assert torch.equal(topk(x, 1000), x)
+    assert not topk_mask(x, 1.0, ties="first").logical_not().any()
+
+
+def test_all_zero_channel_keeps_k_entries_and_outputs_zero():
+    x = torch.zeros(1, 2, 4, 4)
+    x[0, 1] = torch.arange(16.0).reshape(4, 4)
+    mask = topk_mask(x, 3)
+    assert mask[0, 0].sum() == 3 and mask[0, 0].flatten()[:3].all(), "earliest positions win ties"
+    assert torch.equal(mask[0, 1].flatten().nonzero().flatten(), torch.tensor([13, 14, 15]))
+    assert torch.equal(topk(x, 3)[0, 0], torch.zeros(4, 4))
+
+
+def test_tie_rules_on_a_max_pooled_map():
+    # Overlapping max-pools repeat values: the case where the authors' code and Eq. 1 disagree.
+    x = torch.nn.functional.max_pool2d(torch.rand(1, 8, 13, 13), 3, stride=1, padding=1)
+    first, every = topk_mask(x, 0.1, ties="first"), topk_mask(x, 0.1, ties="all")
+    count = keep_count(0.1, 13 * 13)
+    assert (first.flatten(2).sum(-1) == count).all()
+    assert (every.flatten(2).sum(-1) > count).any()
+
+
+def test_keep_count_follows_the_papers_formula():
+    assert keep_count(0.1, 55 * 55) == int(0.1 * 55 * 55)
+    assert keep_count(0.05, 6 * 6) == 1
+    assert keep_count(0.001, 4) == 1
+    assert keep_count(7, 4) == 4
+    assert keep_count(1.0, 9) == 9
+
+
+@pytest.mark.parametrize("bad", [0, -1, 0.0, 1.5, -0.2, True, "0.1", None, float("nan")])
+def test_bad_k_is_a_value_error_naming_the_value(bad):
+    with pytest.raises(ValueError, match=r"k=" + ("nan" if bad != bad else repr(bad).replace(".", r"\.").replace("(", r"\(").replace(")", r"\)"))):
+        topk(torch.randn(1, 1, 2, 2), bad)
+
+
+@pytest.mark.parametrize("kwargs, word", [({"mode": "top"}, "mode"), ({"kind": "pixel"}, "kind"), ({"ties": "random"}, "ties")])
+def test_bad_choices_are_value_errors_listing_allowed(kwargs, word):
+    with pytest.raises(ValueError, match=f"{word}=.*choose one of"):
+        topk(torch.randn(1, 1, 2, 2), 0.5, **kwargs)
+
+
+def test_spatial_on_a_3d_tensor_names_the_position():
+    layer = TopK(0.1, position="classifier.1")
+    with pytest.raises(ValueError, match=r"classifier\.1.*\(N, C, H, W\).*\(2, 5, 7\)"):
+        layer(torch.randn(2, 5, 7))
+
+
+def test_gradient_is_the_mask_for_kept_entries_and_zero_elsewhere():
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    grad_out = torch.randn_like(x)
+    topk(x, 0.2).backward(grad_out)
+    mask = topk_mask(x, 0.2)
+    assert torch.equal(x.grad, torch.where(mask, grad_out, torch.zeros_like(grad_out)))
+    x.grad = None
+    topk(x, 0.2, mode="non_topk").backward(grad_out)
+    assert torch.equal(x.grad, torch.where(~mask, grad_out, torch.zeros_like(grad_out)))
+
+
+def test_mean_replace_gradient_is_the_gradient_of_the_mean():
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: topk(t, 0.25, mode="mean_replace"), (x,))
+    for mode in ("topk", "non_topk"):
+        assert torch.autograd.gradcheck(lambda t: topk(t, 0.25, mode=mode), (x,))
+
+
+@pytest.mark.parametrize("mode", ["topk", "non_topk"])
+def test_backward_saves_only_a_boolean_mask(mode):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    x = torch.randn(2, 4, 8, 8, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        topk(x, 0.1, mode=mode)
+    assert saved and all(t.dtype == torch.bool for t in saved)
+    assert sum(t.numel() for t in saved) == x.numel()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_gives_the_float32_mask(dtype):
+    x = torch.randint(-20, 20, (2, 3, 9, 9)).to(dtype)  # integers: exact in every dtype
+    assert torch.equal(topk_mask(x, 0.1), topk_mask(x.float(), 0.1))
+    out = topk(x, 0.1)
+    assert out.dtype == dtype and torch.equal(out.float(), topk(x.float(), 0.1))
+
+
+def test_channels_last_input_gives_the_contiguous_result():
+    x = torch.randn(2, 8, 7, 7)
+    for mode in ("topk", "non_topk", "mean_replace"):
+        assert torch.equal(topk(x.to(memory_format=torch.channels_last), 0.1, mode=mode), topk(x, 0.1, mode=mode))
+
+
+def test_no_grad_and_identity_mode():
+    x = torch.randn(1, 2, 5, 5, requires_grad=True)
+    with torch.no_grad():
+        assert not topk(x, 0.3).requires_grad
+    assert topk(x, 0.3, mode="identity") is x
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=feature_maps(), k=ks, prefix=st.integers(0, 2), ties=st.sampled_from(["first", "all"]))
+def test_token_kind_ranks_tokens_per_channel_and_keeps_prefix(x, k, prefix, ties):
+    n, c, h, w = x.shape
+    tokens = x.reshape(n, c, h * w).transpose(1, 2)  # (N, T, D) with D = channels
+    body = tokens[:, prefix:]
+    if body.shape[1] == 0:
+        return
+    spatial = body.transpose(1, 2).unsqueeze(-1)  # (N, D, T', 1): same ranking as spatial Top-K
+    expected = reference_mask(spatial, keep_count(k, body.shape[1]), ties).squeeze(-1).transpose(1, 2)
+    mask = topk_mask(tokens, k, kind="token", ties=ties, num_prefix_tokens=prefix)
+    assert mask[:, :prefix].all()
+    assert torch.equal(mask[:, prefix:], expected)
+    out = topk(tokens, k, kind="token", ties=ties, num_prefix_tokens=prefix)
+    assert torch.equal(out[:, :prefix], tokens[:, :prefix])
+    assert torch.equal(out[:, prefix:], torch.where(expected, body, torch.zeros_like(body)))
+
+
+def test_token_kind_on_channel_last_4d_maps_matches_spatial_on_nchw():
+    x = torch.randn(2, 6, 5, 4)  # NCHW
+    nhwc = x.permute(0, 2, 3, 1)
+    assert torch.equal(topk(nhwc, 0.2, kind="token"), topk(x, 0.2).permute(0, 2, 3, 1))
+
+
+@pytest.mark.slow
+def test_torch_compile_on_cpu_matches_eager():
+    layer = TopK(0.1)
+    compiled = torch.compile(layer)
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    out = compiled(x)
+    assert torch.equal(out, layer(x))
+    out.sum().backward()
+    assert torch.equal(x.grad, topk_mask(x, 0.1).float())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_matches_cpu(dtype):
+    x = torch.randint(-9, 9, (4, 16, 13, 13)).to(dtype)  # integer values: many ties, exact in every dtype
+    for mode in ("topk", "non_topk", "mean_replace"):
+        for ties in ("first", "all"):
+            expected = topk(x.float(), 0.1, mode=mode, ties=ties).to(dtype)
+            torch.testing.assert_close(topk(x.cuda(), 0.1, mode=mode, ties=ties).cpu(), expected)

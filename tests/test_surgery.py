@@ -1,0 +1,415 @@
+"""sparsify / desparsify / set_k / list_positions / sparsity_report on real timm and torchvision models."""
+import copy
+import io
+import warnings
+
+import pytest
+import timm
+import torch
+import torchvision
+from torch import nn
+
+from topk_plugin import (SparsifiedGraphModule, TopK, TopKSpec, desparsify, get_preset, list_positions,
+                         register_preset, set_k, sparsify, sparsity_report, topk, topk_layers)
+from topk_plugin.presets import _PRESETS
+
+
+def tv(name, **kwargs):
+    return lambda: torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def tm(name, **kwargs):
+    return lambda: timm.create_model(name, pretrained=False, **kwargs)
+
+
+# (factory, spec, input size): at least eight architectures, CNNs and transformers, both libraries.
+ARCHITECTURES = {
+    "tv_alexnet": (tv("alexnet"), "paper", 96),
+    "tv_vgg16": (tv("vgg16"), "paper", 64),
+    "tv_resnet18": (tv("resnet18"), "paper", 64),
+    "tv_resnet50": (tv("resnet50"), "paper", 64),
+    "tv_vit_b_16": (tv("vit_b_16"), "paper", 224),
+    "tv_convnext_tiny": (tv("convnext_tiny"), TopKSpec(["features.1", "features.3"], k=0.2), 64),
+    "tv_swin_t": (tv("swin_t"), TopKSpec(["features.1", "features.3"], k=0.2, kind="token"), 64),
+    "tv_mobilenet_v3_small": (tv("mobilenet_v3_small"), TopKSpec(["type:SqueezeExcitation"], k=0.3), 64),
+    "timm_resnet18": (tm("resnet18"), "paper", 64),
+    "timm_vit_tiny": (tm("vit_tiny_patch16_224"), "paper", 224),
+    "timm_convnext_atto": (tm("convnext_atto"), TopKSpec(["stages.*"], k=0.1), 64),
+    "timm_efficientnet_b0": (tm("efficientnet_b0"), TopKSpec(["blocks.1", "blocks.3"], k=0.1), 64),
+}
+
+
+def _output(model, x):
+    out = model(x)
+    return out if isinstance(out, torch.Tensor) else out[0]
+
+
+@pytest.fixture(scope="module", params=sorted(ARCHITECTURES))
+def arch(request):
+    factory, spec, size = ARCHITECTURES[request.param]
+    torch.manual_seed(0)
+    model = factory().eval()
+    # torchvision's ViT has a zero-initialised head; make outputs informative for comparisons.
+    for head in [getattr(model, "heads", None)]:
+        if head is not None:
+            for p in head.parameters():
+                nn.init.normal_(p, std=0.02)
+    return request.param, model, spec, torch.randn(2, 3, size, size)
+
+
+def test_fx_and_hooks_agree_and_change_the_output(arch):
+    name, model, spec, x = arch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        auto = sparsify(model, spec)
+    hooks = sparsify(model, spec, method="hooks")
+    with torch.no_grad():
+        dense, a, h = _output(model, x), _output(auto, x), _output(hooks, x)
+    assert torch.equal(a, h), name
+    assert (a - dense).abs().max() > 1e-3 * dense.abs().max(), f"{name}: Top-K did not change the output"
+    assert all(row["shape"] != "not reached" for row in sparsity_report(auto, x))
+
+
+def test_state_dicts_are_interchangeable(arch):
+    name, model, spec, x = arch
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = sparsify(model, spec)
+    assert list(sparse.state_dict()) and set(sparse.state_dict()) == set(model.state_dict())
+    fresh = copy.deepcopy(model)
+    for p in fresh.parameters():
+        nn.init.normal_(p)
+    sparse.load_state_dict(fresh.state_dict())  # strict
+    model_copy = copy.deepcopy(model)
+    model_copy.load_state_dict(sparse.state_dict())
+    for key, value in fresh.state_dict().items():
+        assert torch.equal(model_copy.state_dict()[key], value), key
+
+
+def test_fx_is_used_for_the_paper_presets():
+    for name in ["tv_alexnet", "tv_resnet50", "tv_vit_b_16", "timm_vit_tiny"]:
+        factory, spec, _ = ARCHITECTURES[name]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert isinstance(sparsify(factory(), spec), SparsifiedGraphModule), name
+
+
+def test_paper_preset_placements_and_ks():
+    expected = {
+        "alexnet": (tv("alexnet"), ["features.2", "features.5", "features.7", "features.9", "features.12"], 0.1),
+        "vgg16": (tv("vgg16"), ["features.4", "features.9", "features.16", "features.23", "features.30"], 0.05),
+        "resnet18": (tv("resnet18"), ["layer2"], 0.2),
+        "resnet50": (tv("resnet50"), ["maxpool", "layer1", "layer2", "layer3", "layer4"], 0.1),
+        "vit_torchvision": (tv("vit_b_16"), [f"before:encoder.layers.encoder_layer_{i}.self_attention" for i in range(12)], 0.6),
+        "vit_timm": (tm("vit_base_patch16_224"), [f"before:blocks.{i}.attn" for i in range(12)], 0.6),
+    }
+    for arch_name, (factory, positions, k) in expected.items():
+        model = factory()
+        assert get_preset("paper", model).arch == arch_name
+        layers = topk_layers(sparsify(model, "paper", method="hooks"))
+        assert list(layers) == positions, arch_name
+        assert {layer.k for layer in layers.values()} == {k}
+
+
+def test_resnet18_training_variant_and_timm_resnets_match_presets():
+    variant = torchvision.models.resnet18(num_classes=10)
+    variant.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    variant.maxpool = nn.Identity()
+    assert get_preset("paper", variant).arch == "resnet18"
+    assert get_preset("paper", timm.create_model("resnet50")).arch == "resnet50"
+    assert get_preset("paper", timm.create_model("resnet18")).arch == "resnet18"
+
+
+def test_vit_preset_keeps_the_class_token_and_sparsifies_attention_inputs():
+    model = timm.create_model("vit_tiny_patch16_224", reg_tokens=4).eval()
+    sparse = sparsify(model, "paper")
+    layer = topk_layers(sparse)["before:blocks.0.attn"]
+    assert layer.kind == "token" and layer.num_prefix_tokens == model.num_prefix_tokens == 5
+    seen = {}
+    getattr(sparse.blocks, "0").attn.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        sparse(x)
+    dense_input = seen.pop("x")
+    model.blocks[0].norm1.register_forward_hook(lambda m, args, out: seen.setdefault("norm", out))
+    with torch.no_grad():
+        model(x)
+    expected = topk(seen["norm"], 0.6, kind="token", num_prefix_tokens=5)
+    assert torch.equal(dense_input, expected)
+
+
+def test_torchvision_vit_feeds_the_same_topk_tensor_as_query_key_and_value():
+    model = torchvision.models.vit_b_16().eval()
+    sparse = sparsify(model, "paper")
+    calls = []
+    sparse.encoder.layers.encoder_layer_3.self_attention.register_forward_pre_hook(lambda m, args: calls.append(args))
+    with torch.no_grad():
+        sparse(torch.randn(1, 3, 224, 224))
+    q, k, v = calls[0][:3]
+    assert q is k is v
+    assert ((q[:, 1:] != 0).sum(1) == int(0.6 * 196)).all()
+
+
+def test_every_preset_runs_on_a_random_model():
+    builders = {"alexnet": tv("alexnet"), "vgg16": tv("vgg16"), "resnet18": tv("resnet18"), "resnet50": tv("resnet50"),
+                "vit_torchvision": tv("vit_b_16"), "vit_timm": tm("vit_tiny_patch16_224")}
+    sizes = {"vit_torchvision": 224, "vit_timm": 224}
+    for preset in _PRESETS["paper"].values():
+        if preset.arch not in builders:
+            continue  # presets other code registers (e.g. the FastGAN generator) are tested there
+        model = builders[preset.arch]().eval()
+        sparse = sparsify(model, "paper")
+        report = sparsity_report(sparse, torch.randn(1, 3, sizes.get(preset.arch, 64), sizes.get(preset.arch, 64)))
+        for row in report:
+            assert row["shape"] != "not reached", (preset.arch, row)
+            if row["kind"] == "spatial":
+                assert abs(row["kept"] - row["count"] / (row["shape"][2] * row["shape"][3])) < 1e-6
+
+
+def test_overrides_apply_to_every_spec_form():
+    model = torchvision.models.alexnet()
+    forms = ["paper", ["features.2", "features.5"], {"positions": ["features.2"], "k": 0.5},
+             TopKSpec(["features.2"], k=3), [TopKSpec(["features.2"]), TopKSpec(["features.5"], mode="identity")]]
+    for spec in forms:
+        layers = topk_layers(sparsify(model, spec, k=0.3, mode="non_topk", method="hooks"))
+        assert {(l.k, l.mode) for l in layers.values()} == {(0.3, "non_topk")}, spec
+
+
+def test_position_selectors():
+    model = torchvision.models.resnet18()
+    names = lambda spec: list(topk_layers(sparsify(model, spec, method="hooks")))
+    assert names(["layer*"]) == ["layer1", "layer2", "layer3", "layer4"]
+    assert names(["layer1.*.conv1"]) == ["layer1.0.conv1", "layer1.1.conv1"]
+    assert names(["layer4.**.bn2"]) == ["layer4.0.bn2", "layer4.1.bn2"]
+    assert names(["type:MaxPool2d"]) == names([nn.MaxPool2d]) == ["maxpool"]
+    assert names(["before:fc"]) == ["before:fc"]
+    assert names(["after:layer3"]) == ["layer3"]
+
+
+def test_before_position_sparsifies_the_module_input():
+    model = torchvision.models.alexnet().eval()
+    sparse = sparsify(model, ["before:features.3"], k=0.2)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        expected = model.features[3:](topk(model.features[:3](x), 0.2))
+        expected = model.classifier(torch.flatten(model.avgpool(expected), 1))
+        torch.testing.assert_close(sparse(x), expected)
+
+
+@pytest.mark.parametrize("bad, pattern", [
+    (["features.22"], r"'features\.22'.*closest names: \['features\.2'"),
+    (["type:Conv3d"], r"'type:Conv3d' matches no module of AlexNet; its module types are \['AdaptiveAvgPool2d'"),
+    ([], r"positions is empty"),
+    ([3], r"spec=\[3\] is not understood"),
+    ({"positions": [3.5]}, r"position 3\.5 must be"),
+    ("not_a_preset_or_module", r"'not_a_preset_or_module' matches no module"),
+    ({"positions": ["features.2"], "k": 2.5}, r"k=2\.5"),
+    (object(), r"spec=<object object.* is not understood"),
+])
+def test_bad_specs_name_the_bad_entry(bad, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        sparsify(torchvision.models.alexnet(), bad)
+
+
+def test_other_errors():
+    model = torchvision.models.alexnet()
+    with pytest.raises(ValueError, match=r"method='graph'.*\['auto', 'fx', 'hooks'\]"):
+        sparsify(model, "paper", method="graph")
+    with pytest.raises(ValueError, match=r"preset 'paper' has no entry for MobileNetV2; it covers \["):
+        sparsify(torchvision.models.mobilenet_v2(), "paper")
+    sparse = sparsify(model, "paper")
+    with pytest.raises(ValueError, match="already sparsified"):
+        sparsify(sparse, "paper")
+    with pytest.raises(ValueError, match="is not sparsified"):
+        desparsify(model)
+    with pytest.raises(ValueError, match=r"k=0"):
+        set_k(sparse, 0)
+    with pytest.raises(ValueError, match=r"'layer9' matches no Top-K layer; the layers are \['features\.2'"):
+        set_k(sparse, 0.2, positions="layer9")
+    on_linear = sparsify(model, ["classifier.1"])
+    with pytest.raises(ValueError, match=r"position 'classifier\.1'.*\(N, C, H, W\)"):
+        on_linear(torch.randn(1, 3, 64, 64))
+
+
+def test_inplace_false_leaves_the_model_untouched_and_desparsify_returns_it():
+    model = torchvision.models.resnet18().eval()
+    before = copy.deepcopy(model.state_dict())
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        dense = model(x)
+    for method in ("fx", "hooks"):
+        sparse = sparsify(model, "paper", method=method)
+        assert not hasattr(model, "topk_layers") and not model.layer2._forward_hooks
+        restored = desparsify(sparse)
+        assert type(restored) is torchvision.models.ResNet and not hasattr(restored, "topk_layers")
+        with torch.no_grad():
+            assert torch.equal(restored(x), dense)
+    for key, value in model.state_dict().items():
+        assert torch.equal(before[key], value)
+    hooked = sparsify(model, "paper", method="hooks", inplace=True)
+    assert hooked is model and hasattr(model, "topk_layers")
+    assert desparsify(hooked) is model and not model.layer2._forward_hooks
+
+
+@pytest.mark.parametrize("method", ["fx", "hooks"])
+def test_training_updates_reach_the_desparsified_model(method):
+    model = torchvision.models.resnet18(num_classes=4)
+    sparse = sparsify(model, "paper", method=method).train()
+    optimizer = torch.optim.SGD(sparse.parameters(), lr=0.1)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    nn.functional.cross_entropy(sparse(x), y).backward()
+    assert sparse.fc.weight.grad is not None and sparse.conv1.weight.grad.abs().sum() > 0
+    optimizer.step()
+    dense = desparsify(sparse)
+    assert torch.equal(dense.fc.weight, sparse.fc.weight)
+    assert not torch.equal(dense.fc.weight, model.fc.weight)
+    assert torch.equal(dense.bn1.running_mean, sparse.state_dict()["bn1.running_mean"])
+
+
+def test_set_k_changes_all_or_selected_layers_and_the_measured_sparsity():
+    model = torchvision.models.alexnet().eval()
+    sparse = sparsify(model, "paper")
+    x = torch.randn(1, 3, 224, 224)
+    set_k(sparse, 0.3)
+    assert {l.k for l in topk_layers(sparse).values()} == {0.3}
+    set_k(sparse, 0.05, positions=["features.2", "features.1?"])
+    ks = {p: l.k for p, l in topk_layers(sparse).items()}
+    assert ks == {"features.2": 0.05, "features.5": 0.3, "features.7": 0.3, "features.9": 0.3, "features.12": 0.05}
+    kept = {row["position"]: row["kept"] for row in sparsity_report(sparse, x)}
+    assert kept["features.2"] == pytest.approx(int(0.05 * 27 * 27) / (27 * 27))
+    assert kept["features.5"] == pytest.approx(int(0.3 * 13 * 13) / (13 * 13))
+
+
+def test_identity_mode_is_measured_but_changes_nothing():
+    model = torchvision.models.alexnet().eval()
+    sparse = sparsify(model, "paper", mode="identity")
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        assert torch.equal(sparse(x), model(x))
+    rows = sparsity_report(sparse, x)
+    assert all(row["kept"] == 1.0 and 0 < row["nonzero_out"] == row["nonzero_in"] for row in rows)
+
+
+def test_list_positions_reports_modules_in_call_order_with_shapes():
+    model = torchvision.models.alexnet()
+    rows = list_positions(model, torch.randn(1, 3, 224, 224))
+    by_name = {row["position"]: row for row in rows}
+    assert [row["position"] for row in rows][:3] == ["features", "features.0", "features.1"]
+    assert by_name["features.2"]["output"] == (1, 64, 27, 27)
+    assert by_name["features.2"]["type"] == "MaxPool2d"
+    assert by_name["classifier.1"]["output"] == (1, 4096)
+    assert "features.2" in str(rows)
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values: not traceable by torch.fx."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y * 2 if y.sum() > 0 else y
+
+
+class ModeDependent(nn.Module):
+    """Control flow on self.training inside a non-leaf submodule: fx keeps one graph per mode."""
+
+    class Inner(nn.Module):
+        def forward(self, x):
+            return x * 3 if self.training else x - 1
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.inner = self.Inner()
+
+    def forward(self, x):
+        return self.inner(self.conv(x))
+
+
+def test_auto_falls_back_to_hooks_with_a_warning_and_fx_refuses():
+    model = DataDependent()
+    with pytest.warns(UserWarning, match="torch.fx cannot trace DataDependent.*using forward hooks"):
+        sparse = sparsify(model, ["conv"], k=0.2)
+    assert not isinstance(sparse, SparsifiedGraphModule)
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(sparse(x), sparsify(model, ["conv"], k=0.2, method="hooks")(x))
+    with pytest.raises(RuntimeError, match="use method='hooks'"):
+        sparsify(model, ["conv"], method="fx")
+
+
+def test_fx_follows_train_and_eval_control_flow():
+    model = ModeDependent()
+    fx_model = sparsify(model, ["conv"], k=0.2, method="fx")
+    hook_model = sparsify(model, ["conv"], k=0.2, method="hooks")
+    x = torch.randn(1, 3, 8, 8)
+    for mode in (True, False):
+        fx_model.train(mode)
+        hook_model.train(mode)
+        assert torch.equal(fx_model(x), hook_model(x)), mode
+    assert not torch.equal(fx_model.train()(x), fx_model.eval()(x))
+
+
+def test_fx_model_survives_deepcopy_and_pickle():
+    model = torchvision.models.resnet18().eval()
+    sparse = sparsify(model, "paper")
+    set_k(sparse, 0.3)
+    x = torch.randn(1, 3, 64, 64)
+    buffer = io.BytesIO()
+    torch.save(sparse, buffer)
+    buffer.seek(0)
+    for clone in (copy.deepcopy(sparse), torch.load(buffer, weights_only=False)):
+        assert isinstance(clone, SparsifiedGraphModule) and topk_layers(clone)["layer2"].k == 0.3
+        with torch.no_grad():
+            assert torch.equal(clone(x), sparse(x))
+        clone.fc.weight.data.zero_()
+        assert not torch.equal(desparsify(clone).fc.weight, sparse.fc.weight)
+        assert torch.equal(desparsify(clone).fc.weight, clone.fc.weight)
+
+
+def test_fx_model_exposes_plain_attributes_but_not_original_methods():
+    model = timm.create_model("resnet18", num_classes=7)
+    sparse = sparsify(model, "paper", method="fx")
+    assert sparse.num_classes == 7
+    with pytest.raises(AttributeError, match="forward_features.*method='hooks'"):
+        sparse.forward_features
+    assert callable(sparsify(model, "paper", method="hooks").forward_features)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sparsified_model_runs_in_low_precision_and_channels_last(dtype):
+    model = torchvision.models.resnet18().eval().to(dtype).to(memory_format=torch.channels_last)
+    x = torch.randn(1, 3, 64, 64).to(dtype).to(memory_format=torch.channels_last)
+    fx_model, hook_model = sparsify(model, "paper"), sparsify(model, "paper", method="hooks")
+    with torch.no_grad():
+        out = fx_model(x)
+        assert out.dtype == dtype and torch.equal(out, hook_model(x))
+
+
+def test_register_preset_extends_lookup_by_architecture():
+    class Tiny(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+
+        def forward(self, x):
+            return self.body(x)
+
+    register_preset("paper", "tiny-test", TopKSpec(["body.1"], k=2), lambda m: isinstance(m, Tiny))
+    try:
+        sparse = sparsify(Tiny(), "paper")
+        out = sparse(torch.randn(1, 3, 6, 6))
+        assert ((out != 0).flatten(2).sum(-1) <= 2).all()
+    finally:
+        del _PRESETS["paper"]["tiny-test"]
+
+
+@pytest.mark.slow
+def test_sparsified_model_compiles_on_cpu():
+    model = torchvision.models.resnet18(num_classes=5).eval()
+    sparse = sparsify(model, "paper")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.compile(sparse)(x), sparse(x))

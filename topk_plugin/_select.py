@@ -1,0 +1,265 @@
+"""Exact CPU Top-K selection by radix select on float bit patterns (a small C kernel).
+
+The magnitude ``|x|`` of an IEEE float, read as an unsigned integer with the sign bit cleared, orders
+exactly like the magnitude itself, so the K-th largest magnitude of a channel is found by an MSB-first
+radix select over 8-bit digits: one histogram pass over the channel, then passes over a shrinking set
+of candidates. A channel with at most K non-zeros needs no selection at all (threshold 0). One final
+pass writes the boolean mask and, optionally, the masked values, following the tie rule of ``ops.py``.
+
+The kernel is plain C (no torch headers), compiled on first use with the system C compiler into a
+cache directory (``$TOPK_PLUGIN_CACHE``, default ``~/.cache/topk_plugin``) and loaded with ``ctypes``,
+which releases the GIL. If no compiler works, or ``TOPK_PLUGIN_NO_EXT=1``, ``available()`` is False and
+``ops.py`` uses its pure-torch path.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+_SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef int64_t i64;
+
+/* Histogram of the digit (c >> lo) & dmask into counts. Long inputs use 4 sub-histograms to break the
+   store-to-load chain when most keys share a digit (activations share few exponents). */
+static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, i64 *counts) {
+    uint32_t h[4][256];
+    const int ways = n >= 1024 ? 4 : 1;
+    for (int j = 0; j < ways; j++) memset(h[j], 0, sizeof(uint32_t) * (dmask + 1));
+    i64 i = 0;
+    if (ways == 4)
+        for (; i + 4 <= n; i += 4) {
+            h[0][(c[i] >> lo) & dmask]++;
+            h[1][(c[i + 1] >> lo) & dmask]++;
+            h[2][(c[i + 2] >> lo) & dmask]++;
+            h[3][(c[i + 3] >> lo) & dmask]++;
+        }
+    for (; i < n; i++) h[0][(c[i] >> lo) & dmask]++;
+    for (uint32_t d = 0; d <= dmask; d++) {
+        counts[d] = h[0][d];
+        for (int j = 1; j < ways; j++) counts[d] += h[j][d];
+    }
+}
+
+/* The need-th largest of cand[0..n) (keys < 2^nbits). On return *room is how many keys equal to the
+   result are among the `need` largest and *equal how many keys equal it. a, b: scratch of n keys. */
+static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, int nbits,
+                             uint32_t *a, uint32_t *b, i64 *room, i64 *equal) {
+    i64 counts[256];
+    uint32_t prefix = 0;
+    int hi = nbits;
+    while (hi > 0) {
+        int lo = hi > 8 ? hi - 8 : 0;
+        uint32_t dmask = (1u << (hi - lo)) - 1u;
+        histogram(cand, n, lo, dmask, counts);
+        i64 above = 0;
+        uint32_t d = dmask;
+        while (above + counts[d] < need) above += counts[d--];
+        need -= above;
+        prefix |= d << lo;
+        hi = lo;
+        if (counts[d] == n) continue;  /* every candidate has this digit: nothing to drop */
+        uint32_t *dst = cand == a ? b : a;
+        i64 m = 0;
+        for (i64 i = 0; i < n; i++) {  /* branch-free compaction */
+            dst[m] = cand[i];
+            m += ((cand[i] >> lo) & dmask) == d;
+        }
+        cand = dst;
+        n = m;
+        if (n == 1) { prefix = cand[0]; break; }
+    }
+    *room = need;
+    *equal = n;
+    return prefix;
+}
+
+/* Keep key k iff k >= lowest; y = kept ? x : +0. restrict: a uint8 mask store may not alias x or keys,
+   which lets the contiguous loops vectorise. */
+#define WRITE_ROW(NAME, T)                                                                      \
+    static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask,              \
+                     const uint32_t *restrict keys, i64 len, i64 s_pos, uint32_t lowest, int invert) { \
+        if (s_pos == 1 && y) {                                                                  \
+            for (i64 p = 0; p < len; p++) {                                                     \
+                const int keep = (keys[p] >= lowest) ^ invert;                                  \
+                mask[p] = (uint8_t)keep;                                                        \
+                y[p] = x[p] & (T)(0u - keep);                                                       \
+            }                                                                                   \
+        } else if (s_pos == 1) {                                                                \
+            for (i64 p = 0; p < len; p++) mask[p] = (uint8_t)((keys[p] >= lowest) ^ invert);    \
+        } else {                                                                                \
+            for (i64 p = 0; p < len; p++) {                                                     \
+                const int keep = (keys[p] >= lowest) ^ invert;                                  \
+                mask[p * s_pos] = (uint8_t)keep;                                                \
+                if (y) y[p * s_pos] = x[p * s_pos] & (T)(0u - keep);                                \
+            }                                                                                   \
+        }                                                                                       \
+    }
+WRITE_ROW(write_row32, uint32_t)
+WRITE_ROW(write_row16, uint16_t)
+
+/* Rows r = o * inner + i (o < outer, i < inner); element p < len of row r sits at
+   offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike. */
+void topk_select(const void *x, void *y, uint8_t *mask, int wide,
+                 i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
+                 i64 count, int ties_all, int invert, int threads) {
+    const i64 rows = outer * inner;
+    #pragma omp parallel num_threads(threads)
+    {
+        uint32_t *keys = (uint32_t *)malloc(sizeof(uint32_t) * 3 * (size_t)len);
+        #pragma omp for schedule(static)
+        for (i64 r = 0; r < rows; r++) {
+            const i64 base = (r / inner) * s_outer + (r % inner) * s_inner;
+            i64 nonzero = 0;
+            if (wide) {
+                const uint32_t *xs = (const uint32_t *)x;
+                for (i64 p = 0; p < len; p++) { keys[p] = xs[base + p * s_pos] & 0x7fffffffu; nonzero += keys[p] != 0; }
+            } else {
+                const uint16_t *xs = (const uint16_t *)x;
+                for (i64 p = 0; p < len; p++) { keys[p] = xs[base + p * s_pos] & 0x7fffu; nonzero += keys[p] != 0; }
+            }
+            /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
+            uint32_t t = 0;
+            i64 room = count - nonzero, equal = len - nonzero;
+            if (nonzero > count)
+                t = radix_select(keys, len, count, wide ? 31 : 15, keys + len, keys + 2 * len, &room, &equal);
+            /* room == 0 only when exactly `count` non-zeros: then 0 is below the K-th largest. */
+            if (room > 0 && room < equal && !ties_all) {  /* keep only the first `room` ties */
+                i64 seen = 0;
+                for (i64 p = 0; p < len; p++) {
+                    if (keys[p] == t) { if (seen++ >= room) keys[p] = 0; else keys[p] = 1; }
+                    else keys[p] = keys[p] > t ? 1 : 0;
+                }
+                t = 1;
+            }
+            const uint32_t lowest = room > 0 ? t : t + 1;
+            if (wide)
+                write_row32((const uint32_t *)x + base, y ? (uint32_t *)y + base : NULL, mask + base, keys, len, s_pos,
+                            lowest, invert);
+            else
+                write_row16((const uint16_t *)x + base, y ? (uint16_t *)y + base : NULL, mask + base, keys, len, s_pos,
+                            lowest, invert);
+        }
+        free(keys);
+    }
+}
+"""
+
+_FLAGS = ["-O3", "-fno-strict-aliasing", "-shared", "-fPIC"]
+_UNBUILT = object()
+_LIB = _UNBUILT
+_I64 = ctypes.c_int64
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("TOPK_PLUGIN_CACHE", Path.home() / ".cache" / "topk_plugin"))
+
+
+def _compile(flags: list[str]) -> ctypes.CDLL:
+    compiler = os.environ.get("CC", "cc")
+    tag = hashlib.sha256(" ".join([compiler, *flags, _SOURCE]).encode()).hexdigest()[:16]
+    target = _cache_dir() / f"select_{tag}.so"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            source = Path(tmp) / "select.c"
+            source.write_text(_SOURCE)
+            built = Path(tmp) / "select.so"
+            subprocess.run([compiler, *flags, str(source), "-o", str(built)], check=True, capture_output=True)
+            os.replace(built, target)  # atomic: concurrent builders never see half a file
+    lib = ctypes.CDLL(str(target))
+    lib.topk_select.restype = None
+    lib.topk_select.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+                                _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    return lib
+
+
+def _build():
+    if os.environ.get("TOPK_PLUGIN_NO_EXT", "") not in ("", "0"):
+        return None
+    errors = []
+    # OpenMP first; the same libgomp as torch's is picked up by soname. Serial if -fopenmp is missing.
+    for flags in ([*_FLAGS, "-fopenmp"], _FLAGS):
+        try:
+            return _compile(flags)
+        except (OSError, subprocess.CalledProcessError) as err:
+            errors.append(getattr(err, "stderr", b"") or str(err))
+    warnings.warn(f"topk_plugin: could not build the C selection kernel, using the slower pure-torch path: "
+                  f"{errors[-1]!r}", RuntimeWarning, stacklevel=3)
+    return None
+
+
+def _library():
+    global _LIB
+    if _LIB is _UNBUILT:
+        _LIB = _build()
+    return _LIB
+
+
+def available() -> bool:
+    """Whether the C kernel is built (building it on first call)."""
+    return _library() is not None
+
+
+def supports(x: torch.Tensor) -> bool:
+    """Whether ``select`` handles ``x`` (CPU, float32/float16/bfloat16, kernel available)."""
+    return x.device.type == "cpu" and x.dtype in DTYPES and available()
+
+
+def _geometry(t: torch.Tensor, kind: str, num_prefix_tokens: int):
+    """(offset, outer, inner, length, s_outer, s_inner, s_pos) of the channel rows of ``t``, or None."""
+    st = t.stride()
+    if kind == "spatial" or t.dim() == 4:  # (N, C, H, W) or token (N, H, W, D): flatten the two position dims
+        pos_dims = (2, 3) if kind == "spatial" else (1, 2)
+        channel = 1 if kind == "spatial" else 3
+        h, w = (t.shape[d] for d in pos_dims)
+        if h > 1 and w > 1 and st[pos_dims[0]] != w * st[pos_dims[1]]:
+            return None
+        s_pos = st[pos_dims[1]] if w > 1 else st[pos_dims[0]]
+        offset, length = 0, h * w
+    else:  # token (N, T, D)
+        channel, s_pos = 2, st[1]
+        offset, length = num_prefix_tokens * st[1], t.shape[1] - num_prefix_tokens
+    outer, inner = t.shape[0], t.shape[channel]
+    # A size-1 dim's stride is arbitrary; zero it so equal layouts compare equal.
+    return (offset, outer, inner, length, st[0] if outer > 1 else 0, st[channel] if inner > 1 else 0,
+            s_pos if length > 1 else 0)
+
+
+def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_tokens: int = 0,
+           invert: bool = False, values: bool = True):
+    """``(y, mask)``: the boolean Top-``count`` mask of each channel row and, if ``values``, ``x`` zeroed
+    outside it (``invert`` swaps kept and dropped). Prefix tokens are kept. ``x`` must pass ``supports``."""
+    x = x.detach()
+    geometry = _geometry(x, kind, num_prefix_tokens)
+    mask = torch.empty_like(x, dtype=torch.bool)
+    y = torch.empty_like(x) if values else None
+    if geometry is None or any(_geometry(t, kind, num_prefix_tokens) != geometry for t in (mask, y) if t is not None):
+        x = x.contiguous()
+        geometry = _geometry(x, kind, num_prefix_tokens)
+        mask = torch.empty_like(x, dtype=torch.bool)
+        y = torch.empty_like(x) if values else None
+    offset, *rows = geometry
+    if num_prefix_tokens:
+        mask[:, :num_prefix_tokens] = True
+        if y is not None:
+            y[:, :num_prefix_tokens] = x[:, :num_prefix_tokens]
+    if x.numel():
+        esize = x.element_size()
+        _library().topk_select(
+            x.data_ptr() + offset * esize, y.data_ptr() + offset * esize if y is not None else None,
+            mask.data_ptr() + offset, int(esize == 4), *rows, count, int(ties == "all"), int(invert),
+            torch.get_num_threads())
+    return y, mask
