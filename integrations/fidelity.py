@@ -1,0 +1,180 @@
+"""FID and KID through torch-fidelity, between a generator (or a folder of samples) and an image folder.
+
+torch-fidelity's Inception network needs its weights: from a file the user gives
+(``weights_path``), or from torch-fidelity's normal download into the torch hub cache.
+``resolve_inception_weights`` finds them or raises ``InceptionWeightsUnavailable`` with what to do.
+``write_random_inception_weights`` makes a randomly initialised weights file with the right keys and
+shapes, so that the whole real pipeline can be tested offline (its numbers mean nothing).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+FEATURE_EXTRACTOR = "inception-v3-compat"
+FEATURE_LAYERS = ("64", "192", "768", "2048")  # "2048" is the standard FID/KID; smaller ones are quick checks
+IMAGE_EXTENSIONS = "png,jpg,jpeg,webp,bmp"
+
+
+class InceptionWeightsUnavailable(RuntimeError):
+    """Neither a user weights file nor torch-fidelity's download of its Inception weights is available."""
+
+
+def _fidelity():
+    try:
+        import torch_fidelity
+        from torch_fidelity import feature_extractor_inceptionv3
+    except ImportError as err:
+        raise ImportError("FID/KID need torch-fidelity: pip install 'topk-plugin[recipes]'") from err
+    return torch_fidelity, feature_extractor_inceptionv3
+
+
+def cached_inception_path() -> Path:
+    """Where torch-fidelity's normal download of its Inception weights lands (torch hub cache)."""
+    _, inception = _fidelity()
+    name = os.path.basename(urlparse(inception.URL_INCEPTION_V3).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / name
+
+
+def resolve_inception_weights(path: str | Path | None = None, download: bool = True) -> Path:
+    """The Inception weights file to use: ``path`` if given, else the cached (or freshly downloaded) one."""
+    if path is not None:
+        if not Path(path).is_file():
+            raise InceptionWeightsUnavailable(f"Inception weights file {str(path)!r} does not exist")
+        return Path(path)
+    cached = cached_inception_path()
+    if cached.is_file():
+        return cached
+    _, inception = _fidelity()
+    if download:
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(inception.URL_INCEPTION_V3, str(cached), progress=True)
+            return cached
+        except Exception as err:  # noqa: BLE001 - no network, proxy, disk: all mean "not available"
+            reason = f"downloading it failed ({type(err).__name__}: {err})"
+    else:
+        reason = "downloading is disabled"
+    raise InceptionWeightsUnavailable(
+        f"torch-fidelity's Inception weights are not in {cached} and {reason}. Download "
+        f"{inception.URL_INCEPTION_V3} on a machine with internet and pass its path "
+        "(e.g. --inception-weights FILE), or skip FID/KID (--no-metrics).")
+
+
+def write_random_inception_weights(path: str | Path, seed: int = 0) -> Path:
+    """Save a randomly initialised state_dict of torch-fidelity's Inception: tests only, FID/KID meaningless."""
+    _, inception = _fidelity()
+
+    class _Unloaded(inception.FeatureExtractorInceptionV3):
+        def load_state_dict(self, state_dict, strict=True, assign=False):  # keep the random init
+            return None
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({}, path)  # the constructor reads the file before (not) loading it
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = _Unloaded(FEATURE_EXTRACTOR, ["2048"], feature_extractor_weights_path=str(path), verbose=False)
+        for m in net.modules():  # He init keeps activations alive through ~100 layers (the default fades them)
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return path
+
+
+class _ToUint8(nn.Module):
+    """Wraps a generator returning images (or a tuple whose first item is the image) in [-1, 1] as uint8."""
+
+    def __init__(self, generator: nn.Module):
+        super().__init__()
+        self.generator = generator
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        out = self.generator(z)
+        image = out[0] if isinstance(out, (tuple, list)) else out
+        return ((image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+class _Uint8Images(torch.utils.data.Dataset):
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+def _count_images(folder: Path) -> int:
+    exts = tuple("." + e for e in IMAGE_EXTENSIONS.split(","))
+    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
+
+
+def _as_input(source, nz: int | None, num_samples: int, device: torch.device):
+    """torch-fidelity input for ``source`` and how many images it holds."""
+    if isinstance(source, nn.Module):
+        if nz is None:
+            raise ValueError("a generator input needs nz (its noise dimension)")
+        torch_fidelity, _ = _fidelity()
+        return torch_fidelity.GenerativeModelModuleWrapper(_ToUint8(source).to(device), nz, "normal", 0), num_samples
+    if isinstance(source, torch.Tensor):
+        if source.dtype != torch.uint8 or source.dim() != 4 or source.shape[1] != 3:
+            raise ValueError(f"an image tensor must be uint8 (N, 3, H, W), got {source.dtype} {tuple(source.shape)}")
+        return _Uint8Images(source.cpu()), len(source)
+    if not Path(source).is_dir():
+        raise ValueError(f"{str(source)!r} is neither a generator (nn.Module), a uint8 image tensor nor a folder")
+    return str(source), _count_images(Path(source))
+
+
+def fid_kid(generated, real, *, weights_path: str | Path, nz: int | None = None,
+            num_samples: int = 3000, size: int | None = None, device: str | torch.device = "cpu",
+            batch_size: int = 32, kid_subset_size: int = 1000, features: str = "2048", seed: int = 0,
+            verbose: bool = False) -> dict:
+    """FID and KID between ``generated`` and ``real``.
+
+    Args:
+        generated: a generator ``G(z)`` (returns images in [-1, 1], or a tuple starting with them; needs
+            ``nz``, draws ``num_samples`` N(0, 1) codes), a folder of images, or a uint8 (N, 3, H, W) tensor.
+        real: a folder of images (searched recursively) or a uint8 (N, 3, H, W) tensor.
+        weights_path: torch-fidelity Inception weights (``resolve_inception_weights``).
+        size: resize (shorter side) and centre-crop every folder image to ``size``; ``None`` keeps them.
+        kid_subset_size: KID subset size, capped at the smaller set's size.
+        features: Inception feature layer; ``"2048"`` (pool3) is the standard one, the others
+            (``"64"``, ``"192"``, ``"768"``) skip most of the network and the 2048x2048 eigenproblem.
+
+    Returns:
+        ``{"fid", "kid", "kid_std", "num_generated", "num_real", "features"}``; KID as torch-fidelity
+        reports it (x1, not x10^3).
+    """
+    torch_fidelity, _ = _fidelity()
+    if str(features) not in FEATURE_LAYERS:
+        raise ValueError(f"features={features!r} is not an Inception feature layer; "
+                         f"choose one of {list(FEATURE_LAYERS)}")
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    was_training = generated.training if isinstance(generated, nn.Module) else None
+    try:  # torch-fidelity puts a generator in eval mode
+        input1, num_generated = _as_input(generated, nz, num_samples, device)
+        input2, num_real = _as_input(real, None, 0, device)
+        if min(num_generated, num_real) < 2:
+            raise ValueError(f"FID/KID need at least 2 images on each side; got {num_generated} generated, "
+                             f"{num_real} real")
+        metrics = torch_fidelity.calculate_metrics(
+            input1=input1, input2=input2, input1_model_num_samples=num_samples,
+            fid=True, kid=True, kid_subset_size=min(kid_subset_size, num_real, num_generated),
+            feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=str(weights_path),
+            feature_layer_fid=str(features), feature_layer_kid=str(features),
+            samples_find_deep=True, samples_find_ext=IMAGE_EXTENSIONS, samples_resize_and_crop=size or 0,
+            batch_size=batch_size, cuda=cuda, save_cpu_ram=not cuda, cache=False, rng_seed=seed, verbose=verbose)
+    finally:
+        if was_training is not None:
+            generated.train(was_training)
+    return {"fid": float(metrics["frechet_inception_distance"]),
+            "kid": float(metrics["kernel_inception_distance_mean"]),
+            "kid_std": float(metrics["kernel_inception_distance_std"]),
+            "num_generated": num_generated, "num_real": num_real, "features": str(features)}

@@ -1,0 +1,112 @@
+"""integrations.fidelity: the real torch-fidelity pipeline, run offline on a random-weights Inception file."""
+import math
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from integrations import fidelity
+from integrations.fidelity import InceptionWeightsUnavailable, fid_kid, resolve_inception_weights
+
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    return fidelity.write_random_inception_weights(tmp_path_factory.mktemp("inception") / "random.pth")
+
+
+def _folder(path, images):
+    path.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(path / f"{i}.png")
+    return path
+
+
+def _images(n, seed, size=32):
+    return torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+class TinyGenerator(nn.Module):
+    def __init__(self, nz=4, size=16):
+        super().__init__()
+        self.size = size
+        self.fc = nn.Linear(nz, 3 * size * size)
+
+    def forward(self, z):
+        return torch.tanh(self.fc(z)).view(-1, 3, self.size, self.size), None
+
+
+def test_random_weights_file_has_torch_fidelity_keys_and_loads(inception_weights):
+    state = torch.load(inception_weights)
+    # torch-fidelity's own constructor loads it strictly: the keys and shapes are right
+    net = FeatureExtractorInceptionV3("inception-v3-compat", ["64"],
+                                      feature_extractor_weights_path=str(inception_weights))
+    assert set(state) == set(net.state_dict())
+    assert all(state[k].shape == v.shape for k, v in net.state_dict().items())
+    with torch.no_grad():
+        features = net(_images(2, 0))[0]
+    assert features.shape == (2, 64) and features.std() > 0  # the He init keeps activations alive
+
+
+def test_identical_sets_score_zero_and_different_sets_do_not(tmp_path, inception_weights):
+    real = _images(6, 1)
+    folder = _folder(tmp_path / "real", real)
+    same = fid_kid(folder, real, weights_path=inception_weights, features="64")
+    other = fid_kid(_images(6, 2) // 4, real, weights_path=inception_weights, features="64")
+    assert same["num_generated"] == same["num_real"] == 6 and same["features"] == "64"
+    assert abs(same["fid"]) < 1e-3
+    assert other["fid"] > 1.0 and other["kid"] > same["kid"]
+
+
+def test_standard_2048_features_from_a_generator(inception_weights):
+    generator = TinyGenerator().train()
+    result = fid_kid(generator, _images(5, 3), weights_path=inception_weights, nz=4, num_samples=5,
+                     kid_subset_size=1000)
+    assert result["features"] == "2048" and result["num_generated"] == 5 and result["num_real"] == 5
+    assert math.isfinite(result["fid"]) and result["fid"] > 0
+    assert math.isfinite(result["kid"]) and math.isfinite(result["kid_std"])
+    assert generator.training  # put back in the mode it came in
+
+
+def test_generated_samples_are_reproducible_for_a_seed(inception_weights):
+    generator, real = TinyGenerator(), _images(4, 4)
+    runs = [fid_kid(generator, real, weights_path=inception_weights, nz=4, num_samples=4, features="64", seed=s)
+            for s in (7, 7, 8)]
+    assert runs[0]["fid"] == pytest.approx(runs[1]["fid"], rel=1e-6)
+    assert runs[0]["fid"] != pytest.approx(runs[2]["fid"], rel=1e-6)
+
+
+@pytest.mark.parametrize("bad, message", [
+    (dict(features="1000"), "not an Inception feature layer"),
+    (dict(generated=torch.zeros(2, 3, 8, 8)), "must be uint8"),
+    (dict(generated=TinyGenerator()), "needs nz"),
+    (dict(generated="/no/such/folder"), "neither a generator"),
+    (dict(generated=_images(1, 0)), "at least 2 images"),
+])
+def test_bad_inputs_are_named(bad, message, inception_weights):
+    kwargs = dict(generated=_images(3, 0), real=_images(3, 1), weights_path=inception_weights, features="64")
+    kwargs.update(bad)
+    with pytest.raises(ValueError, match=message):
+        fid_kid(kwargs.pop("generated"), kwargs.pop("real"), **kwargs)
+
+
+def test_weights_resolution_user_file_cache_and_clear_failure(tmp_path, monkeypatch, inception_weights):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+
+    def offline(*args, **kwargs):
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    assert resolve_inception_weights(inception_weights) == inception_weights
+    with pytest.raises(InceptionWeightsUnavailable, match="does not exist"):
+        resolve_inception_weights(tmp_path / "missing.pth")
+    with pytest.raises(InceptionWeightsUnavailable, match="network is unreachable.*--inception-weights"):
+        resolve_inception_weights()
+    with pytest.raises(InceptionWeightsUnavailable, match="downloading is disabled"):
+        resolve_inception_weights(download=False)
+    cached = fidelity.cached_inception_path()
+    assert cached.parent == tmp_path / "hub" / "checkpoints"
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_bytes(inception_weights.read_bytes())
+    assert resolve_inception_weights() == cached
