@@ -15,11 +15,10 @@ from typing import Callable
 
 import torch
 
-from recipes._common import (SHARED_DATA, recipe_parser, require_dir, resolve_device, seed_everything,
-                             warn_meaningless, write_json)
-from recipes.vgg_features import (RANDOM_NOTE, add_vgg_args, apply_smoke, build_extractor, list_images,
-                                  load_features, load_image, loss_rows, optimise_image, plot_loss_curves,
-                                  save_image_grid, set_topk_mode, write_csv)
+from recipes._common import SHARED_DATA, recipe_parser, write_json
+from recipes.vgg_features import (RANDOM_NOTE, add_vgg_args, apply_smoke, build_extractor, load_image, loss_rows,
+                                  optimise_image, plot_loss_curves, prepare_run, save_image_grid, set_topk_mode,
+                                  write_csv)
 
 LAYERS = ["pool2", "pool3", "pool4"]
 #: condition -> the Top-K mode that masks the target's activation
@@ -55,13 +54,8 @@ def main(argv=None) -> dict:
     if args.smoke:
         apply_smoke(args)
         args.layers = args.layers[:1]  # each layer is three more optimisations
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    paths = list_images(require_dir(args.data, "image folder"), args.images)
-    features, source = load_features(args.arch, args.weights, args.random_weights)
+    device, paths, features, source = prepare_run(args, "reconstruction")
     meaningless = source == "random"
-    if meaningless:
-        warn_meaningless("reconstruction with a randomly initialised VGG")
 
     # One extractor per layer, each cut after its own layer: a reconstruction matches one layer.
     extractors = {layer: build_extractor(features, args.arch, [layer], args.k).to(device) for layer in args.layers}

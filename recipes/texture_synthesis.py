@@ -15,11 +15,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from recipes._common import (SHARED_DATA, recipe_parser, require_dir, resolve_device, seed_everything,
-                             warn_meaningless, write_json)
-from recipes.vgg_features import (RANDOM_NOTE, add_vgg_args, apply_smoke, build_extractor, gram, list_images,
-                                  load_features, load_image, loss_rows, optimise_image, plot_loss_curves,
-                                  save_image_grid, set_topk_mode, write_csv)
+from recipes._common import SHARED_DATA, recipe_parser, write_json
+from recipes.vgg_features import (RANDOM_NOTE, add_vgg_args, apply_smoke, build_extractor, gram, load_image,
+                                  loss_rows, optimise_image, plot_loss_curves, prepare_run, save_image_grid,
+                                  set_topk_mode, write_csv)
 
 LAYERS = ["relu1_1", "pool1", "pool2", "pool3", "pool4"]
 #: condition -> the Top-K mode of every tap
@@ -45,13 +44,8 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.smoke:
         apply_smoke(args)
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    paths = list_images(require_dir(args.data, "image folder"), args.images)
-    features, source = load_features(args.arch, args.weights, args.random_weights)
+    device, paths, features, source = prepare_run(args, "texture synthesis")
     meaningless = source == "random"
-    if meaningless:
-        warn_meaningless("texture synthesis with a randomly initialised VGG")
 
     extractor = build_extractor(features, args.arch, args.layers, args.k).to(device)
     tag = "_MEANINGLESS" if meaningless else ""

@@ -19,6 +19,7 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from recipes._common import require_dir, resolve_device, seed_everything, warn_meaningless
 from topk_plugin import sparsify, topk_layers
 
 # Convolutions per block; torchvision's ``features`` is conv, ReLU per conv and a max-pool per block.
@@ -186,6 +187,17 @@ def add_vgg_args(parser: argparse.ArgumentParser, layers: list[str], k: float, s
     parser.add_argument("--lr", type=float, default=lr, help="L-BFGS learning rate (first trial step length)")
     parser.add_argument("--size", type=int, default=224, help="image side in pixels (shorter side, centre crop)")
     parser.add_argument("--images", type=int, default=3, help="how many images of --data (sorted by name)")
+
+
+def prepare_run(args: argparse.Namespace, what: str) -> tuple[torch.device, list[Path], nn.Sequential, str]:
+    """Seed, device, input images and VGG features of a run (``source`` is "random" for random weights)."""
+    seed_everything(args.seed)
+    device = resolve_device(args.device)
+    paths = list_images(require_dir(args.data, "image folder"), args.images)
+    features, source = load_features(args.arch, args.weights, args.random_weights)
+    if source == "random":
+        warn_meaningless(f"{what} with a randomly initialised VGG")
+    return device, paths, features, source
 
 
 def apply_smoke(args: argparse.Namespace) -> None:

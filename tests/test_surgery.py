@@ -9,7 +9,7 @@ import torch
 import torchvision
 from torch import nn
 
-from topk_plugin import (SparsifiedGraphModule, TopK, TopKSpec, desparsify, get_preset, list_positions,
+from topk_plugin import (SparsifiedGraphModule, TopKSpec, desparsify, get_preset, list_positions,
                          register_preset, set_k, sparsify, sparsity_report, topk, topk_layers)
 from topk_plugin.presets import _PRESETS
 

@@ -27,37 +27,42 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 _SOURCE = r"""
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#define THREAD_ID omp_get_thread_num()
+#else
+#define THREAD_ID 0
+#endif
 
 typedef int64_t i64;
 
-/* Histogram of the digit (c >> lo) & dmask into counts. Long inputs use 4 sub-histograms to break the
-   store-to-load chain when most keys share a digit (activations share few exponents). */
-static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, i64 *counts) {
-    uint32_t h[4][256];
-    const int ways = n >= 1024 ? 4 : 1;
-    for (int j = 0; j < ways; j++) memset(h[j], 0, sizeof(uint32_t) * (dmask + 1));
-    i64 i = 0;
-    if (ways == 4)
-        for (; i + 4 <= n; i += 4) {
-            h[0][(c[i] >> lo) & dmask]++;
-            h[1][(c[i + 1] >> lo) & dmask]++;
-            h[2][(c[i + 2] >> lo) & dmask]++;
-            h[3][(c[i + 3] >> lo) & dmask]++;
-        }
-    for (; i < n; i++) h[0][(c[i] >> lo) & dmask]++;
-    for (uint32_t d = 0; d <= dmask; d++) {
-        counts[d] = h[0][d];
-        for (int j = 1; j < ways; j++) counts[d] += h[j][d];
+/* Histogram of the digit (c >> lo) & dmask into counts (zeroed here). Long inputs count into 4 tables
+   to break the store-to-load chain when most keys share a digit (activations share few exponents). */
+static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, uint32_t *counts) {
+    memset(counts, 0, sizeof(uint32_t) * (dmask + 1));
+    if (n < 1024) {
+        for (i64 i = 0; i < n; i++) counts[(c[i] >> lo) & dmask]++;
+        return;
     }
+    uint32_t h[3][256];
+    for (int j = 0; j < 3; j++) memset(h[j], 0, sizeof(uint32_t) * (dmask + 1));
+    i64 i = 0;
+    for (; i + 4 <= n; i += 4) {
+        counts[(c[i] >> lo) & dmask]++;
+        h[0][(c[i + 1] >> lo) & dmask]++;
+        h[1][(c[i + 2] >> lo) & dmask]++;
+        h[2][(c[i + 3] >> lo) & dmask]++;
+    }
+    for (; i < n; i++) counts[(c[i] >> lo) & dmask]++;
+    for (uint32_t d = 0; d <= dmask; d++) counts[d] += h[0][d] + h[1][d] + h[2][d];
 }
 
-/* The need-th largest of cand[0..n) (keys < 2^nbits). On return *room is how many keys equal to the
-   result are among the `need` largest and *equal how many keys equal it. a, b: scratch of n keys. */
-static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, int nbits,
+/* The need-th largest of cand[0..n) (keys <= top < 2^nbits). On return *room is how many keys equal to
+   the result are among the `need` largest and *equal how many keys equal it. a, b: scratch of n keys. */
+static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, uint32_t top, int nbits,
                              uint32_t *a, uint32_t *b, i64 *room, i64 *equal) {
-    i64 counts[256];
+    uint32_t counts[256];
     uint32_t prefix = 0;
     int hi = nbits;
     while (hi > 0) {
@@ -65,7 +70,7 @@ static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, int nbits,
         uint32_t dmask = (1u << (hi - lo)) - 1u;
         histogram(cand, n, lo, dmask, counts);
         i64 above = 0;
-        uint32_t d = dmask;
+        uint32_t d = (top >> lo) & dmask;  /* no candidate has a larger digit */
         while (above + counts[d] < need) above += counts[d--];
         need -= above;
         prefix |= d << lo;
@@ -77,6 +82,7 @@ static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, int nbits,
             dst[m] = cand[i];
             m += ((cand[i] >> lo) & dmask) == d;
         }
+        top = 0xffffffffu;  /* no cheap bound on the survivors' next digit */
         cand = dst;
         n = m;
         if (n == 1) { prefix = cand[0]; break; }
@@ -111,36 +117,43 @@ WRITE_ROW(write_row32, uint32_t)
 WRITE_ROW(write_row16, uint16_t)
 
 /* Rows r = o * inner + i (o < outer, i < inner); element p < len of row r sits at
-   offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike. */
-void topk_select(const void *x, void *y, uint8_t *mask, int wide,
+   offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike.
+   scratch: 3 * len keys per thread. */
+void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide,
                  i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
                  i64 count, int ties_all, int invert, int threads) {
     const i64 rows = outer * inner;
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *keys = (uint32_t *)malloc(sizeof(uint32_t) * 3 * (size_t)len);
+        uint32_t *keys = scratch + (size_t)THREAD_ID * 3 * (size_t)len;
         #pragma omp for schedule(static)
         for (i64 r = 0; r < rows; r++) {
             const i64 base = (r / inner) * s_outer + (r % inner) * s_inner;
             i64 nonzero = 0;
+            uint32_t top = 0;
             if (wide) {
                 const uint32_t *xs = (const uint32_t *)x;
-                for (i64 p = 0; p < len; p++) { keys[p] = xs[base + p * s_pos] & 0x7fffffffu; nonzero += keys[p] != 0; }
+                for (i64 p = 0; p < len; p++) {
+                    const uint32_t k = xs[base + p * s_pos] & 0x7fffffffu;
+                    keys[p] = k; nonzero += k != 0; top = k > top ? k : top;
+                }
             } else {
                 const uint16_t *xs = (const uint16_t *)x;
-                for (i64 p = 0; p < len; p++) { keys[p] = xs[base + p * s_pos] & 0x7fffu; nonzero += keys[p] != 0; }
+                for (i64 p = 0; p < len; p++) {
+                    const uint32_t k = xs[base + p * s_pos] & 0x7fffu;
+                    keys[p] = k; nonzero += k != 0; top = k > top ? k : top;
+                }
             }
             /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
             uint32_t t = 0;
             i64 room = count - nonzero, equal = len - nonzero;
             if (nonzero > count)
-                t = radix_select(keys, len, count, wide ? 31 : 15, keys + len, keys + 2 * len, &room, &equal);
+                t = radix_select(keys, len, count, top, wide ? 31 : 15, keys + len, keys + 2 * len, &room, &equal);
             /* room == 0 only when exactly `count` non-zeros: then 0 is below the K-th largest. */
             if (room > 0 && room < equal && !ties_all) {  /* keep only the first `room` ties */
                 i64 seen = 0;
                 for (i64 p = 0; p < len; p++) {
-                    if (keys[p] == t) { if (seen++ >= room) keys[p] = 0; else keys[p] = 1; }
-                    else keys[p] = keys[p] > t ? 1 : 0;
+                    keys[p] = keys[p] == t ? seen++ < room : keys[p] > t;
                 }
                 t = 1;
             }
@@ -152,7 +165,6 @@ void topk_select(const void *x, void *y, uint8_t *mask, int wide,
                 write_row16((const uint16_t *)x + base, y ? (uint16_t *)y + base : NULL, mask + base, keys, len, s_pos,
                             lowest, invert);
         }
-        free(keys);
     }
 }
 """
@@ -181,7 +193,7 @@ def _compile(flags: list[str]) -> ctypes.CDLL:
             os.replace(built, target)  # atomic: concurrent builders never see half a file
     lib = ctypes.CDLL(str(target))
     lib.topk_select.restype = None
-    lib.topk_select.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
+    lib.topk_select.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
                                 _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
 
@@ -257,9 +269,10 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
         if y is not None:
             y[:, :num_prefix_tokens] = x[:, :num_prefix_tokens]
     if x.numel():
-        esize = x.element_size()
+        esize, threads = x.element_size(), torch.get_num_threads()
+        scratch = torch.empty(threads * 3 * rows[2], dtype=torch.int32)
         _library().topk_select(
             x.data_ptr() + offset * esize, y.data_ptr() + offset * esize if y is not None else None,
-            mask.data_ptr() + offset, int(esize == 4), *rows, count, int(ties == "all"), int(invert),
-            torch.get_num_threads())
+            mask.data_ptr() + offset, scratch.data_ptr(), int(esize == 4), *rows, count, int(ties == "all"),
+            int(invert), threads)
     return y, mask

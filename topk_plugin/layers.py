@@ -70,9 +70,9 @@ class TopK(nn.Module):
             "shape": tuple(x.shape),
             "count": keep_count(self.k, positions),
             "positions": positions,
-            "kept": mask.float().mean().item() if self.mode != "identity" else 1.0,
-            "nonzero_in": (x != 0).float().mean().item(),
-            "nonzero_out": (y != 0).float().mean().item(),
+            "kept": mask.sum().item() / mask.numel() if self.mode != "identity" else 1.0,
+            "nonzero_in": (x != 0).sum().item() / x.numel(),
+            "nonzero_out": (y != 0).sum().item() / y.numel(),
         }
 
     def extra_repr(self) -> str:

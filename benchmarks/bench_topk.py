@@ -1,0 +1,273 @@
+"""Top-K speed: this library's op and sparsified models against the paper's layer, in one run.
+
+    python benchmarks/bench_topk.py                                   # every case, CPU, 2 threads
+    python benchmarks/bench_topk.py --device cuda                     # the same table on a GPU
+    python benchmarks/bench_topk.py --cases models --models vgg16 --batch 8
+
+Baseline: a re-implementation of the paper's layer — ``|x|.topk`` indices, a float mask built with
+``scatter``, a multiply, and a count of the zeros of the output (``torch.where(y == 0)``) on every call.
+Each case reports the best of ``--repeats`` timings taken in turn (baseline, ours, relu, ...), so every
+ratio compares runs of one moment. ``relu`` is ``torch.relu`` on the same tensor: one read and one write,
+a lower-bound proxy for any elementwise layer. ``--data`` is not read (inputs are random tensors and
+randomly initialised torchvision models).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from tqdm import tqdm
+
+from recipes._common import SHARED_DATA, recipe_parser, resolve_device, seed_everything, write_json
+from topk_plugin import _select, get_preset, sparsify, topk, topk_layers
+
+OP_SHAPES = [(32, 64, 55, 55), (32, 256, 13, 13), (32, 128, 56, 56)]
+OP_KS = [0.05, 0.1, 0.2]
+TOKEN_SHAPE, TOKEN_K = (64, 197, 768), 0.6
+MODELS = ("alexnet", "vgg16", "resnet50")
+CASES = ("op", "backward", "token", "models")
+
+
+# ----------------------------------------------------------------------------- the paper's layer
+
+def paper_topk(x: torch.Tensor, k: float, dim_positions=(2, 3)) -> torch.Tensor:
+    """The authors' layer: float mask from topk + scatter, multiply, then count zeros (a sync and a pass)."""
+    if dim_positions == (2, 3):
+        flat = x.flatten(2)
+        dim = -1
+    else:  # tokens (N, T, D): rank along T
+        flat, dim = x, 1
+    count = max(1, int(k * flat.shape[dim]))
+    index = flat.abs().topk(count, dim=dim).indices
+    mask = torch.zeros_like(flat).scatter_(dim, index, 1.0)
+    y = (flat * mask).reshape(x.shape)
+    y.zero_count = torch.where(y == 0)[0].numel()  # the paper logs the sparsity on every call
+    return y
+
+
+class PaperTopK(torch.nn.Module):
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, x):
+        return paper_topk(x, self.k)
+
+
+def with_paper_layers(model: torch.nn.Module, positions: list[str], k: float) -> torch.nn.Module:
+    """``model`` with the paper's layer applied to the output of each module named in ``positions``."""
+    modules = dict(model.named_modules())
+    for name in positions:
+        layer = PaperTopK(k)
+        modules[name].register_forward_hook(lambda module, args, output, layer=layer: layer(output))
+    return model
+
+
+# ----------------------------------------------------------------------------- timing
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def race(fns: dict, device: torch.device, repeats: int) -> dict:
+    """Best wall time (ms) of each function over ``repeats`` rounds that run them in turn; on CPU also the
+    best process CPU time (key ``name + "_cpu"``), which other processes on a busy machine disturb less."""
+    for fn in fns.values():
+        fn()
+    best = {f"{name}{clock}": float("inf") for name in fns for clock in ("", "_cpu")}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            synchronize(device)
+            start, start_cpu = time.perf_counter(), time.process_time()
+            fn()
+            synchronize(device)
+            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+            best[name + "_cpu"] = min(best[name + "_cpu"], (time.process_time() - start_cpu) * 1e3)
+    return best
+
+
+def saved_bytes_per_element(fn, x: torch.Tensor) -> float:
+    """Bytes autograd keeps for backward beyond the input itself, per input element."""
+    storages = {}
+    inputs = {x.untyped_storage().data_ptr()}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in inputs:
+            storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x)
+    return sum(storages.values()) / x.numel()
+
+
+# ----------------------------------------------------------------------------- cases
+
+def op_rows(shapes, ks, device, repeats, backward: bool) -> list[dict]:
+    rows = []
+    for shape in tqdm(shapes, desc="op fwd+bwd" if backward else "op forward"):
+        x = torch.randn(shape, device=device).relu_()  # the layer sits after a ReLU in every preset
+        for k in ks:
+            if backward:
+                leaf = x.clone().requires_grad_()
+                grad = torch.randn_like(x)
+                fns = {name: lambda op=op: torch.autograd.grad(op(leaf), leaf, grad)
+                       for name, op in (("baseline", lambda t: paper_topk(t, k)), ("ours", lambda t: topk(t, k)),
+                                        ("relu", torch.relu))}
+            else:
+                fns = {"baseline": lambda: paper_topk(x, k), "ours": lambda: topk(x, k),
+                       "relu": lambda: torch.relu(x)}
+            ms = race(fns, device, repeats)
+            row = {"case": "op fwd+bwd" if backward else "op forward", "shape": "x".join(map(str, shape)),
+                   "k": k, **_ratios(ms)}
+            if backward:
+                row["baseline_saved_B/elem"] = saved_bytes_per_element(lambda t: paper_topk(t, k), x.clone().requires_grad_())
+                row["ours_saved_B/elem"] = saved_bytes_per_element(lambda t: topk(t, k), x.clone().requires_grad_())
+            rows.append(row)
+    return rows
+
+
+def token_rows(shape, k, device, repeats) -> list[dict]:
+    x = torch.randn(shape, device=device)
+    fns = {"baseline": lambda: paper_topk(x[:, 1:], k, dim_positions=(1,)),
+           "ours": lambda: topk(x, k, kind="token", num_prefix_tokens=1),
+           "relu": lambda: torch.relu(x)}
+    return [{"case": "token forward", "shape": "x".join(map(str, shape)), "k": k, **_ratios(race(fns, device, repeats))}]
+
+
+def model_rows(names, batch, device, repeats) -> list[dict]:
+    rows = []
+    for name in tqdm(names, desc="models"):
+        dense = getattr(torchvision.models, name)(weights=None).eval().to(device)
+        spec = get_preset("paper", dense).spec
+        ours = sparsify(copy.deepcopy(dense), "paper").eval()
+        baseline = with_paper_layers(copy.deepcopy(dense), list(spec.positions), spec.k).eval()
+        x = torch.randn(batch, 3, 224, 224, device=device)
+        with torch.no_grad():
+            ms = race({"dense": lambda: dense(x), "baseline": lambda: baseline(x), "ours": lambda: ours(x)},
+                      device, repeats)
+        rows.append({"case": "model forward", "shape": f"{name} {batch}x3x224x224", "k": spec.k,
+                     "dense_ms": ms["dense"], "baseline_ms": ms["baseline"], "ours_ms": ms["ours"],
+                     "baseline/ours": ms["baseline"] / ms["ours"],
+                     "baseline_overhead_%": 100 * (ms["baseline"] / ms["dense"] - 1),
+                     "ours_overhead_%": 100 * (ms["ours"] / ms["dense"] - 1)})
+        if device.type == "cpu":
+            rows[-1].update({"baseline_overhead_cpu_%": 100 * (ms["baseline_cpu"] / ms["dense_cpu"] - 1),
+                             "ours_overhead_cpu_%": 100 * (ms["ours_cpu"] / ms["dense_cpu"] - 1)})
+        # The layers alone, on the activations they see in the model: a small difference of two large,
+        # noisy model timings is not needed to know what they cost.
+        inputs = layer_inputs(ours, x)
+        layers = race({"baseline": lambda: [paper_topk(a, spec.k) for a in inputs],
+                       "ours": lambda: [topk(a, spec.k) for a in inputs]}, device, repeats)
+        rows[-1].update({"baseline_layers_ms": layers["baseline"], "ours_layers_ms": layers["ours"],
+                         "ours_layers_%_of_dense": 100 * layers["ours"] / ms["dense"]})
+    return rows
+
+
+def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The tensor each Top-K layer of a sparsified ``model`` receives for input ``x``."""
+    seen = []
+    handles = [layer.register_forward_hook(lambda module, args, output: seen.append(args[0]))
+               for layer in topk_layers(model).values()]
+    with torch.no_grad():
+        model(x)
+    for handle in handles:
+        handle.remove()
+    return seen
+
+
+def _ratios(ms: dict) -> dict:
+    return {"baseline_ms": ms["baseline"], "ours_ms": ms["ours"], "relu_ms": ms["relu"],
+            "baseline/ours": ms["baseline"] / ms["ours"], "ours/relu": ms["ours"] / ms["relu"]}
+
+
+# ----------------------------------------------------------------------------- output
+
+def print_table(rows: list[dict]) -> None:
+    columns = list(dict.fromkeys(c for row in rows for c in row))
+    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
+    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
+    for r in cells:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+
+
+def _fmt(value) -> str:
+    return f"{value:.2f}" if isinstance(value, float) else str(value)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{r['case']}\n{r['shape']} k={r['k']}" for r in rows]
+    speedup = [r["baseline/ours"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), speedup, color="tab:blue")
+    ax.axvline(1.0, color="k", lw=0.8)
+    ax.set_xlim(0, 1.15 * max(speedup))  # room for the value labels
+    ax.set_yticks(range(len(rows)), labels, fontsize=6)
+    ax.invert_yaxis()
+    ax.set_xlabel("speed-up over the paper's layer (baseline ms / ours ms)")
+    for i, s in enumerate(speedup):
+        ax.text(s, i, f" {s:.1f}x", va="center", fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path.with_suffix(".png"), dpi=150)
+    fig.savefig(path.with_suffix(".pdf"))
+    plt.close(fig)
+
+
+def main(argv=None) -> list[dict]:
+    parser = recipe_parser(__doc__.split("\n\n")[0], SHARED_DATA, "runs/bench_topk")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the kernel uses as many)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case (the best is reported)")
+    parser.add_argument("--batch", type=int, default=32, help="batch size of the whole-model cases")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="whole-model cases")
+    parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which tables to run")
+    args = parser.parse_args(argv)
+    device = resolve_device(args.device)
+    seed_everything(args.seed)
+    torch.set_num_threads(args.threads)
+    shapes, ks, token_shape, models = OP_SHAPES, OP_KS, TOKEN_SHAPE, args.models
+    batch, repeats = args.batch, args.repeats
+    if args.smoke:
+        shapes, ks, token_shape, models = [(2, 16, 55, 55), (2, 32, 13, 13)], [0.1], (2, 197, 96), ["alexnet"]
+        batch, repeats = 1, 2
+
+    rows = []
+    if "op" in args.cases:
+        rows += op_rows(shapes, ks, device, repeats, backward=False)
+    if "backward" in args.cases:
+        rows += op_rows(shapes, ks, device, repeats, backward=True)
+    if "token" in args.cases:
+        rows += token_rows(token_shape, TOKEN_K, device, repeats)
+    if "models" in args.cases:
+        rows += model_rows(models, batch, device, repeats)
+
+    machine = {"device": str(device), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+               "torch": torch.__version__, "c_kernel": _select.available() and device.type == "cpu",
+               "repeats": repeats, "batch": batch, "smoke": args.smoke,
+               "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
+    print(f"\n{machine}")
+    print_table(rows)
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "bench_topk.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(c for row in rows for c in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    write_json(args.out / "bench_topk.json", {"machine": machine, "rows": rows})
+    plot(rows, args.out / "bench_topk")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The C radix-select path (``topk_plugin._select``) against a plain sort-based reference and the torch path."""
+import csv
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from topk_plugin import _select, keep_count, topk, topk_mask
+
+pytestmark = pytest.mark.skipif(not _select.available(), reason="no C compiler: the C kernel is not built")
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def reference_rows(rows: torch.Tensor, count: int, ties: str) -> torch.Tensor:
+    """Top-``count`` mask of each row of magnitudes by a stable descending sort (earliest wins ties)."""
+    order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
+    mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, order[:, :count], True)
+    if ties == "all":
+        kth = rows.gather(-1, order[:, count - 1:count])
+        mask = rows >= kth
+    return mask
+
+
+def reference_mask(x: torch.Tensor, count: int, kind: str, ties: str, prefix: int = 0) -> torch.Tensor:
+    """The documented rule, per (sample, channel) row, in float64 (exact for every float16/bfloat16/float32)."""
+    mag = x.double().abs()
+    if kind == "spatial":
+        rows = mag.flatten(2).flatten(0, 1)
+        return reference_rows(rows, count, ties).reshape(x.shape)
+    body = mag[:, prefix:] if x.dim() == 3 else mag.flatten(1, 2)
+    n, t, d = body.shape
+    mask = reference_rows(body.transpose(1, 2).reshape(n * d, t), count, ties).reshape(n, d, t).transpose(1, 2)
+    if x.dim() == 4:
+        return mask.reshape(x.shape)
+    return torch.cat([torch.ones_like(mask[:, :prefix]), mask], dim=1)
+
+
+# Small integers scaled by a power of two: many ties and exact zeros, exact in every dtype.
+tie_heavy = st.integers(-4, 4).map(lambda v: v * 0.25)
+spread = st.floats(-1e3, 1e3, allow_nan=False, width=16)
+dims = st.integers(1, 7)
+
+
+@st.composite
+def tensors(draw, kind):
+    if kind == "spatial" or draw(st.booleans()):
+        shape = (draw(st.integers(1, 3)), draw(dims), draw(dims), draw(dims))
+    else:
+        shape = (draw(st.integers(1, 3)), draw(st.integers(2, 12)), draw(dims))
+    values = draw(st.sampled_from([tie_heavy, spread]))
+    flat = draw(st.lists(values, min_size=torch.Size(shape).numel(), max_size=torch.Size(shape).numel()))
+    x = torch.tensor(flat, dtype=draw(st.sampled_from(DTYPES))).reshape(shape)
+    if draw(st.booleans()):  # all-zero channel
+        channel_dim = -1 if kind == "token" else 1
+        x.narrow(channel_dim, draw(st.integers(0, shape[channel_dim] - 1)), 1).zero_()
+    return x
+
+
+ks = st.one_of(st.floats(0.01, 1.0), st.just(1.0), st.integers(1, 60))
+
+
+def layouts(x: torch.Tensor):
+    """The same values as contiguous, channels_last (4-d) and a non-contiguous view."""
+    yield x
+    if x.dim() == 4:
+        yield x.to(memory_format=torch.channels_last)
+    yield x.transpose(0, -1).contiguous().transpose(0, -1)
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]))
+def test_mask_and_values_equal_reference(data, kind, k, ties):
+    x = data.draw(tensors(kind))
+    prefix = data.draw(st.integers(0, 1)) if kind == "token" and x.dim() == 3 else 0
+    positions = x.shape[2] * x.shape[3] if kind == "spatial" else x[0, ..., 0].numel() - prefix
+    count = keep_count(k, positions)
+    expected = reference_mask(x, count, kind, ties, prefix)
+    for view in layouts(x):
+        assert _select.supports(view)
+        y, mask = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix)
+        assert torch.equal(mask, expected)
+        assert torch.equal(y, x.masked_fill(~expected, 0))
+        assert y.dtype == x.dtype and y.stride() == mask.stride()
+        dropped = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix, invert=True)[0]
+        keep_rest = ~expected if not prefix else torch.cat([expected[:, :prefix], ~expected[:, prefix:]], 1)
+        assert torch.equal(dropped, x.masked_fill(~keep_rest, 0))
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=tensors("spatial"), k=ks, ties=st.sampled_from(["first", "all"]),
+       mode=st.sampled_from(["topk", "non_topk", "mean_replace"]))
+def test_public_op_equals_torch_path(x, k, ties, mode, monkeypatch_module):
+    fast_mask, fast = topk_mask(x, k, ties=ties), topk(x, k, mode=mode, ties=ties)
+    with monkeypatch_module.context() as patch:
+        patch.setattr(_select, "supports", lambda t: False)
+        slow_mask = topk_mask(x.float(), k, ties=ties)
+        slow = topk(x.float(), k, mode=mode, ties=ties)
+    assert torch.equal(fast_mask, slow_mask)
+    if mode == "mean_replace":  # the mean is computed in x's dtype
+        torch.testing.assert_close(fast.float(), slow, rtol=1e-2, atol=1e-2)
+    else:
+        assert torch.equal(fast.float(), slow)
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def test_zero_heavy_channels_follow_the_tie_rule():
+    """After ReLU a channel often has <= K non-zeros: the kernel skips selection, the first zeros fill up."""
+    x = torch.zeros(2, 3, 4, 5)
+    x[0, 0, 1, 2] = 3.0           # 1 non-zero < K
+    x[0, 1, :, :2] = 1.0          # 8 non-zeros > K, all tied
+    x[1, 2].view(-1)[-4:] = 2.0   # exactly K non-zeros
+    for ties in ("first", "all"):
+        count = keep_count(0.2, 20)
+        expected = reference_mask(x, count, "spatial", ties)
+        assert torch.equal(topk_mask(x, 0.2, ties=ties), expected)
+    assert torch.equal(topk_mask(x, 0.2)[0, 0].view(-1).nonzero().squeeze(1), torch.tensor([0, 1, 2, 7]))
+    assert topk_mask(x, 0.2, ties="all")[0, 0].all()  # the K-th largest is 0: every zero ties
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode", ["topk", "non_topk"])
+def test_gradient_is_masked_and_only_a_bool_mask_is_saved(dtype, mode):
+    x = torch.randn(2, 4, 6, 5, dtype=dtype).relu().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = topk(x, 0.2, mode=mode)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    mask = topk_mask(x, 0.2)
+    keep = mask if mode == "topk" else ~mask
+    assert [t.dtype for t in saved] == [torch.bool]
+    assert torch.equal(x.grad, grad.masked_fill(~keep, 0))
+
+
+def test_token_prefix_is_kept_and_not_ranked():
+    x = torch.randn(2, 9, 5)
+    x[:, 0] = 0  # a zero CLS token would lose every ranking, yet it is kept
+    y = topk(x, 2, kind="token", num_prefix_tokens=1)
+    assert torch.equal(y[:, 0], x[:, 0])
+    assert ((y[:, 1:] != 0).sum(1) == 2).all()
+    non = topk(x, 2, mode="non_topk", kind="token", num_prefix_tokens=1)
+    assert torch.equal(non[:, 0], x[:, 0]) and ((non[:, 1:] != 0).sum(1) == 6).all()
+
+
+def test_large_rows_and_many_threads_match_reference():
+    x = torch.randn(3, 5, 64, 80).relu()
+    x[0, 0, :2] = x[0, 0, 2:4]  # ties inside the kept range
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        assert torch.equal(topk_mask(x, 0.1), reference_mask(x, keep_count(0.1, 64 * 80), "spatial", "first"))
+
+
+def test_unsupported_input_uses_torch_path():
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert not _select.supports(x)
+    assert torch.equal(topk_mask(x, 3), reference_mask(x, 3, "spatial", "first"))
+
+
+def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPK_PLUGIN_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    with pytest.warns(RuntimeWarning, match="pure-torch"):
+        assert _select._build() is None
+    monkeypatch.setattr(_select, "_LIB", None)
+    assert not _select.supports(torch.ones(1))
+    x = torch.randn(2, 3, 5, 5)
+    assert torch.equal(topk(x, 0.2), x.masked_fill(~reference_mask(x, 5, "spatial", "first"), 0))
+
+
+def test_build_is_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("TOPK_PLUGIN_CACHE", str(tmp_path))
+    lib = _select._build()
+    built = list(tmp_path.glob("select_*.so"))
+    assert lib is not None and len(built) == 1
+    stamp = built[0].stat().st_mtime_ns
+    assert _select._build() is not None and built[0].stat().st_mtime_ns == stamp
+
+
+def test_disabled_by_environment(monkeypatch):
+    monkeypatch.setenv("TOPK_PLUGIN_NO_EXT", "1")
+    assert _select._build() is None
+
+
+def _load_benchmark():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_topk.py"
+    spec = importlib.util.spec_from_file_location("bench_topk", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_baseline_is_the_same_op_and_smoke_run_writes_its_table(tmp_path):
+    bench = _load_benchmark()
+    x = torch.randn(2, 8, 9, 9)  # continuous values: no ties, so every exact Top-K agrees
+    assert torch.equal(bench.paper_topk(x, 0.1), topk(x, 0.1))
+    tokens = torch.randn(2, 11, 6)
+    assert torch.equal(bench.paper_topk(tokens[:, 1:], 0.6, dim_positions=(1,)),
+                       topk(tokens, 0.6, kind="token", num_prefix_tokens=1)[:, 1:])
+
+    rows = bench.main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
+    assert {r["case"] for r in rows} == {"op forward", "op fwd+bwd", "token forward", "model forward"}
+    for row in rows:
+        assert row["baseline_ms"] > 0 and row["ours_ms"] > 0
+        assert row["baseline/ours"] == pytest.approx(row["baseline_ms"] / row["ours_ms"])
+        if row["case"] == "op fwd+bwd":  # a bool mask against the paper's float mask (+ int64 indices)
+            assert row["ours_saved_B/elem"] == 1.0 and row["baseline_saved_B/elem"] >= 4.0
+    with open(tmp_path / "bench_topk.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
+    assert (tmp_path / "bench_topk.png").stat().st_size > 0 and (tmp_path / "bench_topk.pdf").stat().st_size > 0
