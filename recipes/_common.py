@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("TOPK_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
@@ -25,6 +27,33 @@ def recipe_parser(description: str, default_data: Path | str, default_out: str) 
     parser.add_argument("--seed", type=int, default=0, help="random seed (python, numpy, torch)")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU run of seconds to minutes that still writes every output")
     return parser
+
+
+def image_files(folder: Path, *, recursive: bool = False, what: str | None = None) -> list[Path]:
+    """Sorted image files in ``folder`` (``recursive``: below it); with ``what``, exit if there are none."""
+    found = Path(folder).rglob("*") if recursive else Path(folder).iterdir()
+    paths = sorted(p for p in found if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
+    if what and not paths:
+        raise SystemExit(f"{what} {folder} holds no images ({', '.join(IMG_EXTENSIONS)})")
+    return paths
+
+
+def parse_k(text: str) -> float | int:
+    """A command-line K: ``"0.2"`` is a fraction, ``"12"`` a count."""
+    try:
+        return int(text) if text.strip().isdigit() else float(text)
+    except ValueError:
+        raise SystemExit(f"--k {text!r} must be a fraction in (0, 1] or an integer count") from None
+
+
+def mean_std(values) -> tuple[float, float]:
+    """Mean and sample standard deviation (NaN with fewer than two values): the tables' "mean ± std" over seeds."""
+    values = np.asarray(list(values), dtype=np.float64)
+    return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else float("nan")
+
+
+def format_mean_std(mean: float, std: float) -> str:
+    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
 
 
 def resolve_device(name: str) -> torch.device:

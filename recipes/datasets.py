@@ -14,9 +14,7 @@ from typing import Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.datasets.folder import IMG_EXTENSIONS
-
-from recipes._common import require_dir
+from recipes._common import image_files, require_dir
 
 # The paper's two 10-class ImageNet-1k subsets (supplementary, Top-K training experiment).
 SUBSETS = {
@@ -61,14 +59,10 @@ class FileListDataset(Dataset):
         return (self.transform(image) if self.transform else image), label
 
 
-def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMG_EXTENSIONS)
-
-
 def class_folders(root: Path, what: str) -> list[str]:
     """Sorted names of the sub-folders of ``root`` that hold images."""
     root = require_dir(root, what)
-    names = sorted(p.name for p in root.iterdir() if p.is_dir() and _images(p))
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and image_files(p))
     if not names:
         raise SystemExit(f"{what} {root} has no class folders with images in them")
     return names
@@ -76,7 +70,7 @@ def class_folders(root: Path, what: str) -> list[str]:
 
 def folder_samples(root: Path, classes: Sequence[str]) -> list[Sample]:
     """Every image of ``root/<class>/`` for the given classes, labelled by their index in ``classes``."""
-    return [(path, label) for label, name in enumerate(classes) for path in _images(Path(root) / name)]
+    return [(path, label) for label, name in enumerate(classes) for path in image_files(Path(root) / name)]
 
 
 def _select(root: Path, found: list[str], wanted: Sequence[str] | None, what: str) -> list[str]:
@@ -109,7 +103,7 @@ def held_out_split(root: Path, val_fraction: float, seed: int) -> Splits:
     rng = random.Random(seed)
     train, val = [], []
     for label, name in enumerate(classes):
-        paths = _images(Path(root) / name)
+        paths = image_files(Path(root) / name)
         rng.shuffle(paths)
         cut = max(1, round(val_fraction * len(paths)))
         val += [(p, label) for p in sorted(paths[:cut])]

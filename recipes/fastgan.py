@@ -34,13 +34,12 @@ from torchvision.utils import save_image
 from tqdm import tqdm
 
 from integrations.fidelity import FEATURE_LAYERS, InceptionWeightsUnavailable, fid_kid, resolve_inception_weights
-from recipes._common import (SHARED_DATA, recipe_parser, require_dir, resolve_device, seed_everything,
-                             warn_meaningless, write_json)
+from recipes._common import (SHARED_DATA, format_mean_std, image_files, mean_std, parse_k, recipe_parser,
+                             require_dir, resolve_device, seed_everything, warn_meaningless, write_json)
 from recipes.fastgan_models import (PAPER_K, TOPK_POSITION, Discriminator, Generator, crop_part, diff_augment,
                                     small_size)
 from topk_plugin import is_sparsified, preset_names, sparsify, topk_layers, topk_mask
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 PAPER_KS = "0.02,0.05,0.07,0.1,0.15,0.2,0.5"
 SMOKE = dict(size=64, ngf=8, ndf=8, nz=32, iters=50, batch_size=4, eval_every=50, n_samples=8, n_real=8,
              fid_features="64", grid=16, ks="0.05,0.15", seeds="0", n=8)
@@ -49,10 +48,6 @@ MAP_IMAGES, MAP_CHANNELS, MAP_ROWS = 2, 6, 8
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """Keeps the command list and examples as written, and still shows defaults."""
-
-
-def k_value(text: str) -> float | int:
-    return int(text) if text.isdigit() else float(text)
 
 
 def build_parser():
@@ -68,7 +63,7 @@ def build_parser():
     model.add_argument("--topk", default="none",
                        help="'none' (dense), a preset ('paper': Top-K after feat_32, 5%%), comma-separated module "
                             "names ('feat_32,feat_64'), or a JSON dict of TopKSpec fields")
-    model.add_argument("--k", type=k_value, default=None,
+    model.add_argument("--k", type=parse_k, default=None,
                        help="override the spec's k: a fraction kept (Table-100: 0.15) or an integer count")
     train = parser.add_argument_group("train")
     train.add_argument("--iters", type=int, default=50000, help="training iterations")
@@ -106,9 +101,7 @@ def build_parser():
 
 def load_images(folder: Path, size: int, limit: int = 0) -> torch.Tensor:
     """Every image under ``folder``, resized (shorter side) and centre-cropped to ``size``: uint8 (N, 3, S, S)."""
-    paths = sorted(p for p in require_dir(folder, "image folder").rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SystemExit(f"no images ({sorted(IMAGE_SUFFIXES)}) under {folder}")
+    paths = image_files(require_dir(folder, "image folder"), recursive=True, what="image folder")
     paths = paths[:limit] if limit else paths
     images = [TF.pil_to_tensor(TF.center_crop(TF.resize(Image.open(p).convert("RGB"), size), size))
               for p in tqdm(paths, desc=f"loading {folder.name}", leave=False)]
@@ -427,11 +420,9 @@ def evaluate_command(args) -> dict:
     return result
 
 
-def mean_std(values: list[float], scale: float = 1.0) -> str:
-    if not values:
-        return "not measured"
-    t = torch.tensor(values, dtype=torch.float64) * scale
-    return f"{t.mean():.1f} ± {t.std(unbiased=False):.1f}" if len(values) > 1 else f"{t.mean():.1f}"
+def summary_cell(values: list[float], scale: float = 1.0) -> str:
+    """``mean ± std`` over seeds, for the sweep table."""
+    return format_mean_std(*mean_std(v * scale for v in values)) if values else "not measured"
 
 
 def sweep(args) -> pd.DataFrame:
@@ -457,8 +448,8 @@ def sweep(args) -> pd.DataFrame:
     for tag, group in table.groupby("method", sort=False):
         k = group["k"].iloc[0]
         name = "FastGAN" if k is None or pd.isna(k) else f"FastGAN + Top-K {k:.0%}"
-        lines.append(f"| {name} | {mean_std(group['fid'].dropna().tolist())} | "
-                     f"{mean_std(group['kid'].dropna().tolist(), 1e3)} | {group['it_per_s'].mean():.2f} |")
+        lines.append(f"| {name} | {summary_cell(group['fid'].dropna().tolist())} | "
+                     f"{summary_cell(group['kid'].dropna().tolist(), 1e3)} | {group['it_per_s'].mean():.2f} |")
     text = "\n".join(lines)
     (args.out / "sweep.md").write_text(text + "\n")
     write_json(args.out / "sweep.json", rows)

@@ -27,7 +27,7 @@ from integrations import cue_conflict as cc  # noqa: E402
 from integrations.modelvshuman import sweep_name  # noqa: E402
 from integrations.shape_bias import (accuracy, category_shape_bias, read_responses,  # noqa: E402
                                      shape_texture_fractions, summarize)
-from recipes._common import (SHARED_DATA, recipe_parser, require_dir, resolve_device,  # noqa: E402
+from recipes._common import (SHARED_DATA, parse_k, recipe_parser, require_dir, resolve_device,  # noqa: E402
                              seed_everything, warn_meaningless, write_json)
 from topk_plugin import set_k, sparsify  # noqa: E402
 from topk_plugin.ops import MODES  # noqa: E402
@@ -189,13 +189,7 @@ def plot_bias_vs_accuracy(summary: pd.DataFrame, humans: pd.DataFrame, paper: di
 # ----------------------------------------------------------------------------- main
 
 def parse_ks(text: str) -> list:
-    ks = []
-    for item in filter(None, (t.strip() for t in text.split(","))):
-        try:
-            ks.append(int(item) if item.isdigit() else float(item))
-        except ValueError:
-            raise SystemExit(f"--k {text!r}: {item!r} is not a number") from None
-    return ks
+    return [parse_k(item) for item in filter(None, (t.strip() for t in text.split(",")))]
 
 
 def main(argv=None) -> dict:

@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 from torchvision.transforms import functional as TF  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from recipes._common import (SHARED_DATA, recipe_parser, require_dir, resolve_device, seed_everything,  # noqa: E402
+from recipes._common import (SHARED_DATA, image_files, recipe_parser, require_dir, resolve_device, seed_everything,  # noqa: E402
                              warn_meaningless, write_json)
 from recipes.adain import AdaIN, load_adain  # noqa: E402
 from recipes.datasets import class_folders, folder_samples  # noqa: E402
@@ -44,11 +44,7 @@ def build_adain(vgg: Path | None, decoder: Path | None, random_weights: bool) ->
 
 
 def style_images(folder: Path) -> list[Path]:
-    folder = require_dir(folder, "style folder")
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp"))
-    if not paths:
-        raise SystemExit(f"style folder {folder} holds no images")
-    return paths
+    return image_files(require_dir(folder, "style folder"), what="style folder")
 
 
 def load_image(path: Path, size: int) -> torch.Tensor:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import math
 import os
 import textwrap
 import time
@@ -44,8 +43,8 @@ from torchvision import transforms  # noqa: E402
 from torchvision.models import resnet18  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from recipes._common import (SHARED_DATA, recipe_parser, resolve_device, seed_everything, warn_meaningless,  # noqa: E402
-                             write_json)
+from recipes._common import (SHARED_DATA, format_mean_std, mean_std, parse_k, recipe_parser,  # noqa: E402
+                             resolve_device, seed_everything, warn_meaningless, write_json)
 from recipes.datasets import SUBSETS, FileListDataset, Splits, class_folders, folder_samples, load_splits  # noqa: E402
 from recipes.stylize import build_adain, style_images, stylize_samples  # noqa: E402
 from topk_plugin import TopKSpec, get_preset, preset_names, set_k, sparsify, topk_layers  # noqa: E402
@@ -62,14 +61,6 @@ def paper_resnet18(num_classes: int) -> nn.Module:
     model.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
     model.maxpool = nn.Identity()
     return model
-
-
-def parse_k(text: str) -> float | int:
-    """``"0.2"`` -> fraction, ``"12"`` -> count."""
-    try:
-        return int(text) if text.isdigit() else float(text)
-    except ValueError:
-        raise SystemExit(f"--k {text!r} must be a fraction in (0, 1] or an integer count") from None
 
 
 def make_spec(topk: str, k, model: nn.Module) -> TopKSpec:
@@ -314,14 +305,6 @@ def write_history(out: Path, history: list[dict]) -> None:
     write_json(out / "history.json", history)
 
 
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else float("nan")
-
-
-def fmt(mean: float, std: float) -> str:
-    return f"{mean:.1f}" if math.isnan(std) else f"{mean:.1f} ± {std:.1f}"
-
-
 def summary_rows(args, spec: TopKSpec, runs: list[Run], history: list[dict], sweep: list[dict]) -> list[dict]:
     """The table: final-epoch accuracies of every trained row, and the two inference rows from the sweep."""
     final = [r for r in history if r["epoch"] == args.epochs]
@@ -348,8 +331,8 @@ def summary_rows(args, spec: TopKSpec, runs: list[Run], history: list[dict], swe
 
 def write_table(out: Path, rows: list[dict], note: str) -> str:
     lines = ["| Row | Method | Val acc (%) | Stylized val acc (%) |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['row']} | {r['method']} | {fmt(r['val_mean'], r['val_std'])} | "
-              f"{fmt(r['stylized_mean'], r['stylized_std'])} |" for r in rows]
+    lines += [f"| {r['row']} | {r['method']} | {format_mean_std(r['val_mean'], r['val_std'])} | "
+              f"{format_mean_std(r['stylized_mean'], r['stylized_std'])} |" for r in rows]
     text = "\n".join(lines) + f"\n\n{note}\n"
     (out / "table.md").write_text(text)
     with open(out / "table.csv", "w", newline="") as handle:

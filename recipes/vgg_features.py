@@ -19,13 +19,12 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from recipes._common import require_dir, resolve_device, seed_everything, warn_meaningless
+from recipes._common import image_files, require_dir, resolve_device, seed_everything, warn_meaningless
 from topk_plugin import sparsify, topk_layers
 
 # Convolutions per block; torchvision's ``features`` is conv, ReLU per conv and a max-pool per block.
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 CFGS = {"vgg16": "D", "vgg19": "E"}  # torchvision.models.vgg.cfgs keys
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_NOTE = "RANDOM WEIGHTS - MEANINGLESS"
@@ -209,9 +208,7 @@ def apply_smoke(args: argparse.Namespace) -> None:
 # ----------------------------------------------------------------------------- images
 
 def list_images(folder: Path, count: int) -> list[Path]:
-    paths = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-    if not paths:
-        raise SystemExit(f"no images ({sorted(IMAGE_SUFFIXES)}) in {folder}")
+    paths = image_files(folder, what="image folder")
     if count < 1:
         raise SystemExit(f"--images {count}: need at least 1")
     return paths[:count]

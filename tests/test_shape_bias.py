@@ -200,5 +200,5 @@ def test_build_model_from_a_local_checkpoint(tmp_path):
         recipe.build_model("alexnet", str(tmp_path / "missing.pth"))
     with pytest.raises(SystemExit, match="neither a torchvision nor a timm"):
         recipe.build_model("no_such_net", None)
-    with pytest.raises(SystemExit, match="not a number"):
+    with pytest.raises(SystemExit, match="--k 'abc' must be a fraction"):
         recipe.parse_ks("0.1,abc")
