@@ -17,13 +17,11 @@ from torch import nn
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
-from .imagenet16 import decide
+from .imagenet16 import IMAGENET_MEAN, IMAGENET_STD, decide
 from .shape_bias import COLUMNS
 
 DATASETS = ("cue-conflict", "edge", "silhouette")
 IMAGE_SIZE = 224
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 _RESIZE = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(IMAGE_SIZE)])
 
 
@@ -47,9 +45,9 @@ def _to_uint8(image) -> torch.Tensor:
 
 
 def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images -> the benchmark's input: ``ToTensor`` (/255) then ``Normalize(MEAN, STD)``."""
-    mean = torch.tensor(MEAN, device=images.device).view(1, 3, 1, 1)
-    std = torch.tensor(STD, device=images.device).view(1, 3, 1, 1)
+    """uint8 images -> the benchmark's input: ``ToTensor`` (/255) then ImageNet ``Normalize``."""
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device).view(1, 3, 1, 1)
     return (images.float().div(255) - mean) / std
 
 

@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import torch
 
+# The normalisation every ImageNet-trained torchvision/timm model (and the benchmark's loader) expects.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
 IMAGENET_INDICES: dict[str, tuple[int, ...]] = {
     "airplane": (404,),
     "bear": (294, 295, 296, 297),

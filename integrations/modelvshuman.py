@@ -34,6 +34,7 @@ INSTALL_HINT = (
     "recipes/shape_bias.py, computes the same shape-bias numbers without it.")
 
 Factory = Callable[[], nn.Module]
+HUMAN_COLOR = (165 / 255, 30 / 255, 55 / 255)  # the benchmark's colour for human observers
 
 
 def require_modelvshuman():
@@ -136,7 +137,7 @@ def plotting_definition(names: Sequence[str], labels: Sequence[str] | None = Non
         makers = [DecisionMaker(name_pattern=n, df=df, color=ramp(i / max(1, len(names) - 1))[:3], marker="o",
                                 plotting_name=label) for i, (n, label) in enumerate(zip(names, labels))]
         if humans:
-            makers.append(DecisionMaker(name_pattern="subject-*", df=df, color=(165 / 255, 30 / 255, 55 / 255),
+            makers.append(DecisionMaker(name_pattern="subject-*", df=df, color=HUMAN_COLOR,
                                         marker="D", plotting_name="humans"))
         return makers
     return definition

@@ -24,7 +24,7 @@ import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
 from integrations import cue_conflict as cc  # noqa: E402
-from integrations.modelvshuman import sweep_name  # noqa: E402
+from integrations.modelvshuman import HUMAN_COLOR, sweep_name  # noqa: E402
 from integrations.shape_bias import (accuracy, category_shape_bias, read_responses,  # noqa: E402
                                      shape_texture_fractions, summarize)
 from recipes._common import (SHARED_DATA, parse_k, recipe_parser, require_dir, resolve_device,  # noqa: E402
@@ -37,7 +37,6 @@ SMOKE_PER_CATEGORY = 3
 # The paper's recorded runs (../shared/data/paper-responses) by the architecture they belong to.
 PAPER_RUNS = {"alexnet": "AlexNet", "vgg16": "VGG", "vgg16_bn": "VGG"}
 PAPER_RUN = re.compile(r"^cue-conflict_(?P<arch>[A-Za-z]+)-(?:normal|topK-(?P<k>\d+))_session-1\.csv$")
-HUMAN_COLOR = (165 / 255, 30 / 255, 55 / 255)
 
 
 # ----------------------------------------------------------------------------- model loading

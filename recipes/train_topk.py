@@ -43,6 +43,7 @@ from torchvision import transforms  # noqa: E402
 from torchvision.models import resnet18  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
+from integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
 from recipes._common import (SHARED_DATA, format_mean_std, mean_std, parse_k, recipe_parser,  # noqa: E402
                              resolve_device, seed_everything, warn_meaningless, write_json)
 from recipes.datasets import SUBSETS, FileListDataset, Splits, class_folders, folder_samples, load_splits  # noqa: E402
@@ -52,7 +53,6 @@ from topk_plugin import TopKSpec, get_preset, preset_names, set_k, sparsify, top
 # How each trained variant uses the Top-K layers: the sparsify mode (None: no layers at all).
 VARIANT_MODES = {"dense": None, "topk": "topk", "l1": "identity", "mean_replace": "mean_replace"}
 ROW_OF = {"dense": "(1)", "topk": "(4)", "l1": "(5)", "mean_replace": "(6)"}
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 def paper_resnet18(num_classes: int) -> nn.Module:
@@ -147,7 +147,7 @@ def all_sum(ctx: Context, *values: float) -> list[float]:
 # ----------------------------------------------------------------------------- data
 
 def transforms_for(size: int, resize: int) -> tuple[transforms.Compose, transforms.Compose]:
-    normalize = [transforms.ToTensor(), transforms.Normalize(MEAN, STD)]
+    normalize = [transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     train = transforms.Compose([transforms.RandomResizedCrop(size), transforms.RandomHorizontalFlip(), *normalize])
     evaluation = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(size), *normalize])
     return train, evaluation

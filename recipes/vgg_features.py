@@ -19,14 +19,13 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
+from integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD
 from recipes._common import image_files, require_dir, resolve_device, seed_everything, warn_meaningless
 from topk_plugin import sparsify, topk_layers
 
 # Convolutions per block; torchvision's ``features`` is conv, ReLU per conv and a max-pool per block.
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 CFGS = {"vgg16": "D", "vgg19": "E"}  # torchvision.models.vgg.cfgs keys
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 RANDOM_NOTE = "RANDOM WEIGHTS - MEANINGLESS"
 
 

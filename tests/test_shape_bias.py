@@ -133,7 +133,7 @@ def test_preprocessing_matches_the_benchmark_loader(shared_data, tmp_path):
     root = shared_data / "texture-shape" / "cue-conflict"
     stimuli = cc.load_stimuli(root, per_category=1, progress=False)
     assert len(stimuli) == 16 and stimuli.categories == list(CATEGORIES)
-    benchmark = transforms.Compose([transforms.ToTensor(), transforms.Normalize(cc.MEAN, cc.STD)])
+    benchmark = transforms.Compose([transforms.ToTensor(), transforms.Normalize(cc.IMAGENET_MEAN, cc.IMAGENET_STD)])
     for i in (0, 7, 15):
         image = Image.open(root / stimuli.categories[i] / stimuli.imagenames[i]).convert("RGB")
         assert torch.equal(cc.normalize(stimuli.images[i:i + 1])[0], benchmark(image))

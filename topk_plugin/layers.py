@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops import KINDS, MODES, TIES, check_choice, check_k, keep_count, topk, topk_mask
+from .ops import KINDS, MODES, TIES, check_choice, check_k, keep_count, ranked_positions, topk, topk_mask
 
 
 class TopK(nn.Module):
@@ -55,17 +55,11 @@ class TopK(nn.Module):
     def _prefix(self, x: torch.Tensor) -> int:
         return self.num_prefix_tokens if self.kind == "token" and x.dim() == 3 else 0
 
-    def ranked_positions(self, x: torch.Tensor) -> int:
-        """How many positions each channel ranks for an input shaped like ``x``."""
-        if self.kind == "spatial":
-            return x.shape[-1] * x.shape[-2]
-        return x[0, ..., 0].numel() - self._prefix(x)
-
     def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:
         mask = topk_mask(x, self.k, kind=self.kind, ties=self.ties, num_prefix_tokens=self._prefix(x))
         if self.mode == "non_topk":
             mask = ~mask
-        positions = self.ranked_positions(x)
+        positions = ranked_positions(x, self.kind, self._prefix(x))
         self.stats = {
             "shape": tuple(x.shape),
             "count": keep_count(self.k, positions),

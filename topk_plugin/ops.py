@@ -105,7 +105,8 @@ def check_layout(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0, where: 
             raise ValueError(f"token Top-K{at}: num_prefix_tokens={num_prefix_tokens} does not fit shape {tuple(x.shape)}")
 
 
-def _positions(x: torch.Tensor, kind: str, num_prefix_tokens: int) -> int:
+def ranked_positions(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0) -> int:
+    """How many positions each channel of ``x`` ranks (prefix tokens excluded)."""
     if kind == "spatial":
         return x.shape[-2] * x.shape[-1]
     return math.prod(x.shape[1:-1]) - num_prefix_tokens
@@ -118,7 +119,7 @@ def topk_mask(x: torch.Tensor, k, *, kind: str = "spatial", ties: str = "first",
     check_choice("kind", kind, KINDS)
     check_choice("ties", ties, TIES)
     check_layout(x, kind, num_prefix_tokens)
-    count = keep_count(k, _positions(x, kind, num_prefix_tokens))
+    count = keep_count(k, ranked_positions(x, kind, num_prefix_tokens))
     with torch.no_grad():
         if _select.supports(x):
             return _select.select(x, count, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens,
@@ -183,7 +184,7 @@ def topk(x: torch.Tensor, k, *, mode: str = "topk", kind: str = "spatial", ties:
     if mode == "identity":
         return x
     if mode != "mean_replace" and _select.supports(x):
-        count = keep_count(k, _positions(x, kind, num_prefix_tokens))
+        count = keep_count(k, ranked_positions(x, kind, num_prefix_tokens))
         return _SelectTopK.apply(x, count, kind, ties, num_prefix_tokens, mode == "non_topk")
     mask = topk_mask(x, k, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens)
     if mode == "mean_replace":
