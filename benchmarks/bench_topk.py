@@ -24,7 +24,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from recipes._common import SHARED_DATA, recipe_parser, resolve_device, seed_everything, write_json
+from topk_plugin.recipes._common import SHARED_DATA, recipe_parser, resolve_device, seed_everything, write_json
 from topk_plugin import _select, get_preset, sparsify, topk, topk_layers
 
 OP_SHAPES = [(32, 64, 55, 55), (32, 256, 13, 13), (32, 128, 56, 56)]

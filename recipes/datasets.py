@@ -14,7 +14,7 @@ from typing import Sequence
 
 from PIL import Image
 from torch.utils.data import Dataset
-from recipes._common import image_files, require_dir
+from topk_plugin.recipes._common import image_files, require_dir
 
 # The paper's two 10-class ImageNet-1k subsets (supplementary, Top-K training experiment).
 SUBSETS = {

@@ -8,9 +8,9 @@ Commands:
   sweep   the K ablation: dense and Top-K at each --ks, for each --seeds; prints mean ± std as in the paper
 
 Examples:
-  python -m recipes.fastgan train --data ../shared/data/few-shot/jeep --topk paper --inception-weights pt_inception.pth
-  python -m recipes.fastgan train --data ../shared/data/few-shot/table --topk paper --k 0.15
-  python -m recipes.fastgan sweep --data ../shared/data/few-shot/jeep --seeds 0,1,2 --iters 50000
+  python -m topk_plugin.recipes.fastgan train --data ../shared/data/few-shot/jeep --topk paper --inception-weights pt_inception.pth
+  python -m topk_plugin.recipes.fastgan train --data ../shared/data/few-shot/table --topk paper --k 0.15
+  python -m topk_plugin.recipes.fastgan sweep --data ../shared/data/few-shot/jeep --seeds 0,1,2 --iters 50000
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ from PIL import Image
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from integrations.fidelity import FEATURE_LAYERS, InceptionWeightsUnavailable, fid_kid, resolve_inception_weights
-from recipes._common import (SHARED_DATA, format_mean_std, image_files, mean_std, parse_k, recipe_parser,
+from topk_plugin.integrations.fidelity import FEATURE_LAYERS, InceptionWeightsUnavailable, fid_kid, resolve_inception_weights
+from topk_plugin.recipes._common import (SHARED_DATA, format_mean_std, image_files, mean_std, parse_k, recipe_parser,
                              require_dir, resolve_device, seed_everything, warn_meaningless, write_json)
-from recipes.fastgan_models import (PAPER_K, TOPK_POSITION, Discriminator, Generator, crop_part, diff_augment,
+from topk_plugin.recipes.fastgan_models import (PAPER_K, TOPK_POSITION, Discriminator, Generator, crop_part, diff_augment,
                                     small_size)
 from topk_plugin import is_sparsified, preset_names, sparsify, topk_layers, topk_mask
 

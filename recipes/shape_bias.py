@@ -23,11 +23,11 @@ import torch  # noqa: E402
 import torchvision  # noqa: E402
 from torch import nn  # noqa: E402
 
-from integrations import cue_conflict as cc  # noqa: E402
-from integrations.modelvshuman import HUMAN_COLOR, sweep_name  # noqa: E402
-from integrations.shape_bias import (accuracy, category_shape_bias, read_responses,  # noqa: E402
+from topk_plugin.integrations import cue_conflict as cc  # noqa: E402
+from topk_plugin.integrations.modelvshuman import HUMAN_COLOR, sweep_name  # noqa: E402
+from topk_plugin.integrations.shape_bias import (accuracy, category_shape_bias, read_responses,  # noqa: E402
                                      shape_texture_fractions, summarize)
-from recipes._common import (SHARED_DATA, parse_k, recipe_parser, require_dir, resolve_device,  # noqa: E402
+from topk_plugin.recipes._common import (SHARED_DATA, parse_k, recipe_parser, require_dir, resolve_device,  # noqa: E402
                              seed_everything, warn_meaningless, write_json)
 from topk_plugin import set_k, sparsify  # noqa: E402
 from topk_plugin.ops import MODES  # noqa: E402

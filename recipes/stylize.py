@@ -5,7 +5,7 @@ shorter side is ``--size``, stylized (AdaIN, ``--alpha`` 0.5 as in the paper) an
 ``OUT/<class>/<name>.png``; ``OUT/manifest.csv`` records the style each image got and ``OUT/preview.png``
 shows a few content / style / result triples. AdaIN weights come from the user (``--vgg``, ``--decoder``).
 
-    python -m recipes.stylize --data imagenet/val --vgg vgg_normalised.pth --decoder decoder.pth --out stylized-val
+    python -m topk_plugin.recipes.stylize --data imagenet/val --vgg vgg_normalised.pth --decoder decoder.pth --out stylized-val
 """
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from PIL import Image  # noqa: E402
 from torchvision.transforms import functional as TF  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from recipes._common import (SHARED_DATA, image_files, recipe_parser, require_dir, resolve_device, seed_everything,  # noqa: E402
+from topk_plugin.recipes._common import (SHARED_DATA, image_files, recipe_parser, require_dir, resolve_device, seed_everything,  # noqa: E402
                              warn_meaningless, write_json)
-from recipes.adain import AdaIN, load_adain  # noqa: E402
-from recipes.datasets import class_folders, folder_samples  # noqa: E402
+from topk_plugin.recipes.adain import AdaIN, load_adain  # noqa: E402
+from topk_plugin.recipes.datasets import class_folders, folder_samples  # noqa: E402
 
 MEANINGLESS = "MEANINGLESS.txt"
 

@@ -15,8 +15,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from recipes._common import SHARED_DATA, recipe_parser, write_json
-from recipes.vgg_features import (RANDOM_NOTE, add_vgg_args, apply_smoke, build_extractor, gram, load_image,
+from topk_plugin.recipes._common import SHARED_DATA, recipe_parser, write_json
+from topk_plugin.recipes.vgg_features import (RANDOM_NOTE, add_vgg_args, apply_smoke, build_extractor, gram, load_image,
                                   loss_rows, optimise_image, plot_loss_curves, prepare_run, save_image_grid,
                                   set_topk_mode, write_csv)
 

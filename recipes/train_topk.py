@@ -15,7 +15,7 @@ averaged over positions, added to the cross-entropy.
 
 Data: --data ROOT with train/ and val/ class folders (any ImageFolder pair; --subset in-s1|in-s2 picks the
 paper's ImageNet classes), or a root of class folders only, split per class (--val-fraction held out).
-Multi-GPU: torchrun --nproc_per_node N -m recipes.train_topk ... (DistributedDataParallel).
+Multi-GPU: torchrun --nproc_per_node N -m topk_plugin.recipes.train_topk ... (DistributedDataParallel).
 """
 from __future__ import annotations
 
@@ -43,11 +43,11 @@ from torchvision import transforms  # noqa: E402
 from torchvision.models import resnet18  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-from integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
-from recipes._common import (SHARED_DATA, format_mean_std, mean_std, parse_k, recipe_parser,  # noqa: E402
+from topk_plugin.integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD  # noqa: E402
+from topk_plugin.recipes._common import (SHARED_DATA, format_mean_std, mean_std, parse_k, recipe_parser,  # noqa: E402
                              resolve_device, seed_everything, warn_meaningless, write_json)
-from recipes.datasets import SUBSETS, FileListDataset, Splits, class_folders, folder_samples, load_splits  # noqa: E402
-from recipes.stylize import build_adain, style_images, stylize_samples  # noqa: E402
+from topk_plugin.recipes.datasets import SUBSETS, FileListDataset, Splits, class_folders, folder_samples, load_splits  # noqa: E402
+from topk_plugin.recipes.stylize import build_adain, style_images, stylize_samples  # noqa: E402
 from topk_plugin import TopKSpec, get_preset, preset_names, set_k, sparsify, topk_layers  # noqa: E402
 
 # How each trained variant uses the Top-K layers: the sparsify mode (None: no layers at all).
@@ -415,7 +415,7 @@ def parse_args(argv):
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bfloat16 autocast on CUDA")
     parser.add_argument("--resume", action="store_true", help="continue every run from its last checkpoint")
     group = parser.add_argument_group("stylized val (one of: a folder, AdaIN weights, --random-weights)")
-    group.add_argument("--stylized-val", type=Path, help="stylized val folder made with recipes.stylize")
+    group.add_argument("--stylized-val", type=Path, help="stylized val folder made with recipes/stylize.py")
     group.add_argument("--vgg", type=Path, help="AdaIN encoder weights (vgg_normalised.pth) to build it here")
     group.add_argument("--decoder", type=Path, help="AdaIN decoder weights (decoder.pth) to build it here")
     group.add_argument("--random-weights", action="store_true", help="random AdaIN: tests only, meaningless")

@@ -19,8 +19,8 @@ from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD
-from recipes._common import image_files, require_dir, resolve_device, seed_everything, warn_meaningless
+from topk_plugin.integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD
+from topk_plugin.recipes._common import image_files, require_dir, resolve_device, seed_everything, warn_meaningless
 from topk_plugin import sparsify, topk_layers
 
 # Convolutions per block; torchvision's ``features`` is conv, ReLU per conv and a max-pool per block.

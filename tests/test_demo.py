@@ -25,7 +25,7 @@ def test_demo_takes_timm_names_and_overrides_k():
 
 
 def test_readme_preset_table_is_the_registry():
-    import recipes.fastgan_models  # noqa: F401  registers the FastGAN generator's preset
+    import topk_plugin.recipes.fastgan_models  # noqa: F401  registers the FastGAN generator's preset
 
     table = preset_table("paper")
     assert table in README.read_text(), "README's preset table is stale: paste `python -m topk_plugin.demo --presets`"

@@ -1,4 +1,4 @@
-"""recipes.fastgan: train / resume / sample / eval / sweep at smoke size, through the real torch-fidelity path."""
+"""topk_plugin.recipes.fastgan: train / resume / sample / eval / sweep at smoke size, through the real torch-fidelity path."""
 import json
 import math
 
@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 import torch
 
-from integrations.fidelity import write_random_inception_weights
-from recipes import fastgan
+from topk_plugin.integrations.fidelity import write_random_inception_weights
+from topk_plugin.recipes import fastgan
 from topk_plugin import keep_count
 
 

@@ -4,7 +4,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from recipes.fastgan_models import (PAPER_K, Discriminator, Generator, NoiseInjection, crop_part, diff_augment,
+from topk_plugin.recipes.fastgan_models import (PAPER_K, Discriminator, Generator, NoiseInjection, crop_part, diff_augment,
                                     small_size)
 from topk_plugin import desparsify, get_preset, keep_count, sparsify, sparsity_report, topk_layers
 

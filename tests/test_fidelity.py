@@ -1,4 +1,4 @@
-"""integrations.fidelity: the real torch-fidelity pipeline, run offline on a random-weights Inception file."""
+"""topk_plugin.integrations.fidelity: the real torch-fidelity pipeline, run offline on a random-weights Inception file."""
 import math
 
 import pytest
@@ -7,8 +7,8 @@ from PIL import Image
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-from integrations import fidelity
-from integrations.fidelity import InceptionWeightsUnavailable, fid_kid, resolve_inception_weights
+from topk_plugin.integrations import fidelity
+from topk_plugin.integrations.fidelity import InceptionWeightsUnavailable, fid_kid, resolve_inception_weights
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import sys
 import pytest
 import torchvision
 
-from integrations import modelvshuman as mvh
+from topk_plugin.integrations import modelvshuman as mvh
 from topk_plugin import is_sparsified, topk_layers
 
 

@@ -1,11 +1,11 @@
-"""recipes.reconstruct: targets masked by the core's Top-K, and a 64 px random-weights run."""
+"""topk_plugin.recipes.reconstruct: targets masked by the core's Top-K, and a 64 px random-weights run."""
 import csv
 import json
 
 import torch
 
-from recipes.reconstruct import CONDITIONS, main, masked_targets, reconstruction_loss
-from recipes.vgg_features import VGGTaps, build_extractor, load_features
+from topk_plugin.recipes.reconstruct import CONDITIONS, main, masked_targets, reconstruction_loss
+from topk_plugin.recipes.vgg_features import VGGTaps, build_extractor, load_features
 from topk_plugin import topk, topk_layers, topk_mask
 
 

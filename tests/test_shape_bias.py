@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 from PIL import Image
 from torchvision import transforms
 
-from integrations import cue_conflict as cc
-from integrations.imagenet16 import CATEGORIES, IMAGENET_INDICES, category_probabilities, decide
-from integrations.shape_bias import (COLUMNS, accuracy, category_shape_bias, read_responses, shape_bias,
+from topk_plugin.integrations import cue_conflict as cc
+from topk_plugin.integrations.imagenet16 import CATEGORIES, IMAGENET_INDICES, category_probabilities, decide
+from topk_plugin.integrations.shape_bias import (COLUMNS, accuracy, category_shape_bias, read_responses, shape_bias,
                                      shape_or_texture_fraction, shape_texture_fractions, summarize, texture_category)
-from recipes import shape_bias as recipe
-from recipes._common import seed_everything
+from topk_plugin.recipes import shape_bias as recipe
+from topk_plugin.recipes._common import seed_everything
 from topk_plugin import sparsify
 
 

@@ -6,8 +6,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from recipes.adain import AdaIN, adaptive_instance_norm, build_decoder, build_encoder, channel_stats, load_adain
-from recipes.stylize import main
+from topk_plugin.recipes.adain import AdaIN, adaptive_instance_norm, build_decoder, build_encoder, channel_stats, load_adain
+from topk_plugin.recipes.stylize import main
 
 
 def _conv_keys(net):

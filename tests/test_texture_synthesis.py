@@ -1,12 +1,12 @@
-"""recipes.texture_synthesis: Gram targets through the core's masks, and a 64 px random-weights run."""
+"""topk_plugin.recipes.texture_synthesis: Gram targets through the core's masks, and a 64 px random-weights run."""
 import csv
 import json
 
 import pytest
 import torch
 
-from recipes.texture_synthesis import CONDITIONS, main, texture_loss
-from recipes.vgg_features import VGGTaps, build_extractor, gram, load_features, set_topk_mode
+from topk_plugin.recipes.texture_synthesis import CONDITIONS, main, texture_loss
+from topk_plugin.recipes.vgg_features import VGGTaps, build_extractor, gram, load_features, set_topk_mode
 from topk_plugin import topk, topk_mask
 
 LAYERS = ["relu1_1", "pool1", "pool2"]

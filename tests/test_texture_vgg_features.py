@@ -1,10 +1,10 @@
-"""recipes.vgg_features: the layer table, taps, weights loading and the image optimiser."""
+"""topk_plugin.recipes.vgg_features: the layer table, taps, weights loading and the image optimiser."""
 import pytest
 import torch
 import torchvision
 from torch import nn
 
-from recipes.vgg_features import (LAYERS, VGGTaps, build_extractor, check_layers, gram, list_images, load_features,
+from topk_plugin.recipes.vgg_features import (LAYERS, VGGTaps, build_extractor, check_layers, gram, list_images, load_features,
                                   load_image, optimise_image, set_topk_mode)
 from topk_plugin import TopK, get_preset, topk, topk_layers
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 from PIL import Image
 
-from recipes.train_topk import ActivationL1, build_model, main, make_spec, paper_resnet18, parse_k
-from recipes.datasets import SUBSETS, held_out_split, load_splits
+from topk_plugin.recipes.train_topk import ActivationL1, build_model, main, make_spec, paper_resnet18, parse_k
+from topk_plugin.recipes.datasets import SUBSETS, held_out_split, load_splits
 from topk_plugin import get_preset, topk_layers
 
 
