@@ -5,19 +5,53 @@ torch-fidelity's Inception network needs its weights: from a file the user gives
 ``resolve_inception_weights`` finds them or raises ``InceptionWeightsUnavailable`` with what to do.
 ``write_random_inception_weights`` makes a randomly initialised weights file with the right keys and
 shapes, so that the whole real pipeline can be tested offline (its numbers mean nothing).
+
+Two protocols (``PROTOCOLS``) decide how images reach torch-fidelity's ``inception-v3-compat`` extractor:
+``"standard"`` is torch-fidelity as documented; ``"paper"`` is what the paper's authors ran
+(``few-shot-img-syn/TopKGen/utlis/eval_agent_module.py`` in Crazy-Jack/nips2023_shape_vs_texture), which
+gives different numbers; see ``FidProtocol``.
 """
 from __future__ import annotations
 
+import copy
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYERS = ("64", "192", "768", "2048")  # "2048" is the standard FID/KID; smaller ones are quick checks
 IMAGE_EXTENSIONS = "png,jpg,jpeg,webp,bmp"
+
+
+@dataclass(frozen=True)
+class FidProtocol:
+    """How generated and real images are prepared and scored.
+
+    Attributes:
+        kid_subset_size: KID subset size (capped at the smaller set).
+        repeats: generated sets drawn from a generator; the lowest FID and its KID are reported.
+        fork_range: map both sides as the fork does: images in [0, 1] become ``uint8(255 * (x * 0.5 + 0.5))``,
+            i.e. [127, 255], truncated; else [0, 255], rounded.
+        batch_statistics: sample the generator in training mode (BatchNorm normalises each batch by its
+            own statistics, as the fork never calls ``eval()``), in batches of ``batch_size``; generated
+            images also go through the fork's nearest-neighbour resize to 512 and back to ``size``.
+    """
+
+    kid_subset_size: int
+    repeats: int
+    fork_range: bool
+    batch_statistics: bool
+
+
+PROTOCOLS = {
+    "standard": FidProtocol(kid_subset_size=1000, repeats=1, fork_range=False, batch_statistics=False),
+    "paper": FidProtocol(kid_subset_size=100, repeats=3, fork_range=True, batch_statistics=True),
+}
 
 
 class InceptionWeightsUnavailable(RuntimeError):
@@ -115,17 +149,62 @@ def _count_images(folder: Path) -> int:
     return sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
 
 
-def _as_input(source, nz: int | None, num_samples: int, device: torch.device):
+def fork_uint8(images: torch.Tensor) -> torch.Tensor:
+    """The fork's mapping of images in [0, 1] to uint8: ``255 * (x.clamp(-1, 1) * 0.5 + 0.5)``, truncated."""
+    return (255 * (images.float().clamp(-1, 1) * 0.5 + 0.5)).to(torch.uint8).cpu()
+
+
+@torch.no_grad()
+def draw_images(generator: nn.Module, nz: int, num_samples: int, batch_size: int, device: torch.device,
+                seed: int, batch_statistics: bool) -> torch.Tensor:
+    """``num_samples`` images (float, on ``device``) from N(0, 1) codes of a seeded stream, ``batch_size`` at a time.
+
+    ``batch_statistics``: run a copy of ``generator`` in training mode, so BatchNorm normalises each batch by
+    its own statistics as the fork's evaluator does (the copy leaves the caller's buffers untouched); else
+    ``generator`` runs in eval mode (running statistics) and is put back in its mode afterwards.
+    """
+    net = copy.deepcopy(generator).train() if batch_statistics else generator
+    was_training = net.training
+    net.to(device).train(batch_statistics)
+    rng = torch.Generator(device="cpu").manual_seed(seed)
+    batches = []
+    try:
+        for start in range(0, num_samples, batch_size):
+            out = net(torch.randn(min(batch_size, num_samples - start), nz, generator=rng).to(device))
+            batches.append((out[0] if isinstance(out, (tuple, list)) else out).float())
+    finally:
+        net.train(was_training)
+    return torch.cat(batches)
+
+
+def fork_samples(generator: nn.Module, nz: int, num_samples: int, batch_size: int, size: int | None,
+                 device: torch.device, seed: int) -> torch.Tensor:
+    """What the fork's evaluator scores: ``num_samples // batch_size`` batches drawn with batch statistics,
+    taken to 512 px and back to ``size`` by nearest neighbour, as uint8 in [127, 255] (``fork_uint8``)."""
+    images = draw_images(generator, nz, num_samples // batch_size * batch_size, batch_size, device, seed, True)
+    size = size or images.shape[-1]
+    return fork_uint8(F.interpolate(F.interpolate(images, 512).add(1).mul(0.5), size))
+
+
+def _as_input(source, nz: int | None, num_samples: int, device: torch.device, protocol: FidProtocol,
+              batch_size: int, size: int | None, seed: int):
     """torch-fidelity input for ``source`` and how many images it holds."""
     if isinstance(source, nn.Module):
         if nz is None:
             raise ValueError("a generator input needs nz (its noise dimension)")
+        if protocol.batch_statistics:
+            return _as_input(fork_samples(source, nz, num_samples, batch_size, size, device, seed), None, 0,
+                             device, PROTOCOLS["standard"], batch_size, size, seed)
         torch_fidelity, _ = _fidelity()
         return torch_fidelity.GenerativeModelModuleWrapper(_ToUint8(source).to(device), nz, "normal", 0), num_samples
     if isinstance(source, torch.Tensor):
         if source.dtype != torch.uint8 or source.dim() != 4 or source.shape[1] != 3:
             raise ValueError(f"an image tensor must be uint8 (N, 3, H, W), got {source.dtype} {tuple(source.shape)}")
-        return _Uint8Images(source.cpu()), len(source)
+        images = fork_uint8(source.float() / 255) if protocol.fork_range else source.cpu()
+        return _Uint8Images(images), len(source)
+    if protocol.fork_range:
+        raise ValueError(f"{str(source)!r}: the paper protocol maps image values, so it takes images as a uint8 "
+                         "tensor (or a generator), not a folder")
     if not Path(source).is_dir():
         raise ValueError(f"{str(source)!r} is neither a generator (nn.Module), a uint8 image tensor nor a folder")
     return str(source), _count_images(Path(source))
@@ -133,8 +212,8 @@ def _as_input(source, nz: int | None, num_samples: int, device: torch.device):
 
 def fid_kid(generated, real, *, weights_path: str | Path, nz: int | None = None,
             num_samples: int = 3000, size: int | None = None, device: str | torch.device = "cpu",
-            batch_size: int = 32, kid_subset_size: int = 1000, features: str = "2048", seed: int = 0,
-            verbose: bool = False) -> dict:
+            batch_size: int = 32, kid_subset_size: int | None = None, features: str = "2048", seed: int = 0,
+            protocol: str = "standard", verbose: bool = False) -> dict:
     """FID and KID between ``generated`` and ``real``.
 
     Args:
@@ -142,39 +221,55 @@ def fid_kid(generated, real, *, weights_path: str | Path, nz: int | None = None,
             ``nz``, draws ``num_samples`` N(0, 1) codes), a folder of images, or a uint8 (N, 3, H, W) tensor.
         real: a folder of images (searched recursively) or a uint8 (N, 3, H, W) tensor.
         weights_path: torch-fidelity Inception weights (``resolve_inception_weights``).
-        size: resize (shorter side) and centre-crop every folder image to ``size``; ``None`` keeps them.
-        kid_subset_size: KID subset size, capped at the smaller set's size.
+        size: standard protocol: resize (shorter side) and centre-crop every folder image to ``size``
+            (``None`` keeps them); paper protocol: the generated images' evaluation size.
+        batch_size: images per Inception batch; paper protocol: also per generator call (the fork samples
+            in training-batch-size batches, which matters with batch statistics).
+        kid_subset_size: KID subset size, capped at the smaller set's size; ``None``: the protocol's.
         features: Inception feature layer; ``"2048"`` (pool3) is the standard one, the others
             (``"64"``, ``"192"``, ``"768"``) skip most of the network and the 2048x2048 eigenproblem.
+        protocol: ``"standard"`` or ``"paper"`` (``PROTOCOLS``; the paper's takes tensors, not folders).
 
     Returns:
-        ``{"fid", "kid", "kid_std", "num_generated", "num_real", "features"}``; KID as torch-fidelity
-        reports it (x1, not x10^3).
+        ``{"fid", "kid", "kid_std", "num_generated", "num_real", "features", "protocol", "fid_repeats"}``;
+        KID as torch-fidelity reports it (x1, not x10^3); ``fid_repeats`` lists every draw's FID.
     """
     torch_fidelity, _ = _fidelity()
     if str(features) not in FEATURE_LAYERS:
         raise ValueError(f"features={features!r} is not an Inception feature layer; "
                          f"choose one of {list(FEATURE_LAYERS)}")
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r} is not supported; choose one of {list(PROTOCOLS)}")
+    rules = PROTOCOLS[protocol]
+    kid_subset_size = rules.kid_subset_size if kid_subset_size is None else kid_subset_size
     device = torch.device(device)
     cuda = device.type == "cuda"
     was_training = generated.training if isinstance(generated, nn.Module) else None
+    repeats = rules.repeats if isinstance(generated, nn.Module) else 1  # a fixed set scores the same each time
+    draws = []
     try:  # torch-fidelity puts a generator in eval mode
-        input1, num_generated = _as_input(generated, nz, num_samples, device)
-        input2, num_real = _as_input(real, None, 0, device)
-        if min(num_generated, num_real) < 2:
-            raise ValueError(f"FID/KID need at least 2 images on each side; got {num_generated} generated, "
-                             f"{num_real} real")
-        metrics = torch_fidelity.calculate_metrics(
-            input1=input1, input2=input2, input1_model_num_samples=num_samples,
-            fid=True, kid=True, kid_subset_size=min(kid_subset_size, num_real, num_generated),
-            feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=str(weights_path),
-            feature_layer_fid=str(features), feature_layer_kid=str(features),
-            samples_find_deep=True, samples_find_ext=IMAGE_EXTENSIONS, samples_resize_and_crop=size or 0,
-            batch_size=batch_size, cuda=cuda, save_cpu_ram=not cuda, cache=False, rng_seed=seed, verbose=verbose)
+        input2, num_real = _as_input(real, None, 0, device, rules, batch_size, size, seed)
+        for repeat in range(repeats):
+            input1, num_generated = _as_input(generated, nz, num_samples, device, rules, batch_size, size,
+                                              seed + repeat)
+            if min(num_generated, num_real) < 2:
+                raise ValueError(f"FID/KID need at least 2 images on each side; got {num_generated} generated, "
+                                 f"{num_real} real")
+            metrics = torch_fidelity.calculate_metrics(
+                input1=input1, input2=input2, input1_model_num_samples=num_samples,
+                fid=True, kid=True, kid_subset_size=min(kid_subset_size, num_real, num_generated),
+                feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=str(weights_path),
+                feature_layer_fid=str(features), feature_layer_kid=str(features),
+                samples_find_deep=True, samples_find_ext=IMAGE_EXTENSIONS, samples_resize_and_crop=size or 0,
+                batch_size=batch_size, cuda=cuda, save_cpu_ram=not cuda, cache=False, rng_seed=seed + repeat,
+                verbose=verbose)
+            draws.append(metrics)
     finally:
         if was_training is not None:
             generated.train(was_training)
-    return {"fid": float(metrics["frechet_inception_distance"]),
-            "kid": float(metrics["kernel_inception_distance_mean"]),
-            "kid_std": float(metrics["kernel_inception_distance_std"]),
-            "num_generated": num_generated, "num_real": num_real, "features": str(features)}
+    best = min(draws, key=lambda m: m["frechet_inception_distance"])
+    return {"fid": float(best["frechet_inception_distance"]),
+            "kid": float(best["kernel_inception_distance_mean"]),
+            "kid_std": float(best["kernel_inception_distance_std"]),
+            "num_generated": num_generated, "num_real": num_real, "features": str(features), "protocol": protocol,
+            "fid_repeats": [float(m["frechet_inception_distance"]) for m in draws]}

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import numbers
 import os
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -48,14 +49,18 @@ def require_modelvshuman():
 
 def sweep_name(prefix: str, k) -> str:
     """Registry name of the Top-K model at ``k``: ``alexnet_topk10`` for 0.1, ``alexnet_topk2p5`` for
-    0.025, ``alexnet_top7`` for the count 7; ``alexnet_dense`` for ``k=None``."""
+    0.025, ``alexnet_top7`` for the count 7; ``alexnet_dense`` for ``k=None``.
+
+    Distinct K give distinct names (0.1 and 0.1000001 too): the percentage is written exactly, from the
+    shortest decimal that round-trips the float, never rounded.
+    """
     if k is None:
         return f"{prefix}_dense"
     check_k(k)
     if isinstance(k, numbers.Integral):
         return f"{prefix}_top{int(k)}"
-    percent = f"{float(k) * 100:.6g}".replace(".", "p")
-    return f"{prefix}_topk{percent}"
+    percent = format((Decimal(repr(float(k))) * 100).normalize(), "f")
+    return f"{prefix}_topk{percent.replace('.', 'p')}"
 
 
 def check_name(name: str) -> str:
@@ -149,8 +154,12 @@ def link_datasets(texture_shape: str | Path, home: str | Path | None = None,
 
     ``home`` defaults to ``$MODELVSHUMANDIR``; existing folders there are left alone.
     """
-    home = Path(home or os.environ.get("MODELVSHUMANDIR", ""))
-    if not str(home) or not home.is_dir():
+    home = os.environ.get("MODELVSHUMANDIR", "") if home is None else home
+    if not str(home):  # Path("") is the current folder: never link there by accident
+        raise ValueError("no model-vs-human home: MODELVSHUMANDIR is not set and home= is empty; pass home= or "
+                         "set MODELVSHUMANDIR to your clone of the benchmark")
+    home = Path(home)
+    if not home.is_dir():
         raise ValueError(f"model-vs-human home {str(home)!r} is not a folder; pass home= or set MODELVSHUMANDIR "
                          "to your clone of the benchmark")
     target = home / "datasets"

@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from topk_plugin.checkpoints import CheckpointError, load_checkpoint, read_checkpoint, unwrap_state_dict
 
 # Channel plan of VGG-19 up to relu4_1; "M" is a 2x2 max-pool.
 _ENCODER_PLAN = (64, 64, "M", 128, 128, "M", 256, 256, 256, 256, "M", 512)
@@ -78,33 +79,27 @@ class AdaIN(nn.Module):
             raise ValueError(f"alpha={alpha!r} must lie in [0, 1] (0 = content only, 1 = full style)")
         feat = self.encoder(content)
         target = alpha * adaptive_instance_norm(feat, *style_stats) + (1 - alpha) * feat
-        out = self.decoder(target)
-        # Pooling with ceil_mode rounds odd sizes up, so the decoder may overshoot by a few pixels.
-        if out.shape[-2:] != content.shape[-2:]:
-            out = F.interpolate(out, size=content.shape[-2:], mode="bilinear", align_corners=False)
-        return out.clamp(0, 1)
+        # As the port: the decoder's size, a multiple of 8 (ceil-mode pooling rounds odd sizes up), not resized.
+        return self.decoder(target).clamp(0, 1)
 
 
-def _load_into(net: nn.Sequential, path: Path, what: str, flag: str) -> None:
-    if not Path(path).is_file():
-        raise SystemExit(f"{flag}: {what} weights not found: {path} is not a file")
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(state, dict):
-        raise SystemExit(f"{flag}: {path} holds a {type(state).__name__}, not a state_dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    # The full vgg_normalised.pth goes on to relu5_4; keep only the layers this encoder has.
-    kept = {k: v for k, v in state.items() if k.split(".")[0].isdigit() and int(k.split(".")[0]) < len(net)}
+def _layer_index(key: str) -> int:
+    head = key.split(".")[0]
+    return int(head) if head.isdigit() else -1
+
+
+def _load_into(net: nn.Sequential, path: Path, flag: str, expected: str) -> None:
     try:
-        net.load_state_dict(kept, strict=True)
-    except RuntimeError as err:
-        expected = sorted(net.state_dict(), key=lambda k: int(k.split(".")[0]))
-        raise SystemExit(f"{flag}: {path} does not hold a {what} state_dict in the layout of the PyTorch AdaIN "
-                         f"port (keys {expected[:4]}...): {err}") from None
+        state = unwrap_state_dict(read_checkpoint(path))
+        # vgg_normalised.pth holds the whole VGG-19 (to relu5_4); this encoder stops at relu4_1.
+        load_checkpoint(net, {k: v for k, v in state.items() if _layer_index(k) < len(net)})
+    except CheckpointError as err:
+        raise SystemExit(f"{flag} {path}: {err} (expected the PyTorch AdaIN port's {expected})") from None
 
 
 def load_adain(vgg: Path, decoder: Path) -> AdaIN:
-    """AdaIN from user files: ``vgg_normalised.pth`` (encoder) and ``decoder.pth`` state dicts."""
+    """AdaIN from the port's files: ``vgg_normalised.pth`` (encoder) and ``decoder.pth``; errors name the file."""
     net = AdaIN()
-    _load_into(net.encoder, vgg, "normalised VGG-19 encoder", "--vgg")
-    _load_into(net.decoder, decoder, "AdaIN decoder", "--decoder")
+    _load_into(net.encoder, vgg, "--vgg", "vgg_normalised.pth")
+    _load_into(net.decoder, decoder, "--decoder", "decoder.pth")
     return net.eval()

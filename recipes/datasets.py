@@ -8,13 +8,15 @@ Two layouts, both read in place:
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from PIL import Image
 from torch.utils.data import Dataset
-from topk_plugin.recipes._common import image_files, require_dir
+from tqdm import tqdm
+
+from topk_plugin.recipes._common import UnreadableImage, image_files, read_image, require_dir
 
 # The paper's two 10-class ImageNet-1k subsets (supplementary, Top-K training experiment).
 SUBSETS = {
@@ -42,8 +44,13 @@ class Splits:
         return Splits(self.classes, _cap(self.train, per_class, seed), _cap(self.val, per_class, seed))
 
 
+class BadImageError(Exception):
+    """An unreadable image met while loading. An ``Exception``, not ``SystemExit``: a DataLoader worker passes
+    only those on to the main process, where ``bad_images_exit`` turns it back into the one-line exit."""
+
+
 class FileListDataset(Dataset):
-    """(image, label) from a list of (path, label); images are opened as RGB."""
+    """(image, label) from a list of (path, label); images are decoded fully, as RGB."""
 
     def __init__(self, samples: Sequence[Sample], transform=None):
         self.samples = list(samples)
@@ -54,9 +61,32 @@ class FileListDataset(Dataset):
 
     def __getitem__(self, index: int):
         path, label = self.samples[index]
-        with Image.open(path) as image:
-            image = image.convert("RGB")
+        try:
+            image = read_image(path)
+        except UnreadableImage as err:
+            raise BadImageError(str(err)) from None
         return (self.transform(image) if self.transform else image), label
+
+
+@contextmanager
+def bad_images_exit():
+    """Inside: a ``BadImageError`` from a loader (re-raised by its worker with a traceback) exits naming the file."""
+    try:
+        yield
+    except BadImageError as err:
+        raise UnreadableImage(str(err).strip().splitlines()[-1].removeprefix(f"{BadImageError.__name__}: ")) from None
+
+
+def drop_unreadable(samples: Sequence[Sample], what: str) -> tuple[list[Sample], list[Path]]:
+    """(the samples whose image decodes, the paths of those that do not): ``--skip-bad-images``."""
+    kept, bad = [], []
+    for sample in tqdm(samples, desc=f"checking {what} images", unit="img", leave=False):
+        try:
+            read_image(sample[0])
+            kept.append(sample)
+        except UnreadableImage:
+            bad.append(sample[0])
+    return kept, bad
 
 
 def class_folders(root: Path, what: str) -> list[str]:

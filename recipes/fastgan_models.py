@@ -1,28 +1,45 @@
-"""FastGAN (Liu et al., ICLR 2021): generator, discriminator with self-supervised decoders, DiffAugment.
+"""FastGAN (Liu et al., ICLR 2021) as the paper's authors ran it: generator, discriminator, DiffAugment.
 
-Written from the paper's description: a 4x4 init layer from noise (GLU), up-sampling blocks with
-skip-layer excitation (SLE) up to ``size`` (256 in the paper; 512 and 1024 also), switchable noise
-injection and an auxiliary low-resolution output; a discriminator whose 8x8 feature and a random
-quadrant of its 16x16 feature are decoded back to images (the self-supervised reconstruction loss),
-and DiffAugment (Zhao et al., 2020: colour, translation, cutout) on everything the discriminator sees.
+Written from the paper and checked against the official code (odegeasslbc/FastGAN-pytorch) and the
+authors' fork (Crazy-Jack/nips2023_shape_vs_texture, ``few-shot-img-syn/TopKGen``). A 4x4 init layer
+from noise (GLU), up-sampling blocks with skip-layer excitation (SLE) up to ``size``, optional noise
+injection and an auxiliary 128 px output; a discriminator whose 8x8 feature and a random quadrant of its
+16x16 feature are decoded back to images (its self-supervised reconstruction loss); DiffAugment.
 
-Every generator block is named by the resolution it outputs (``feat_8`` ... ``feat_1024``), so the
-32x32 block is ``feat_32``: importing this module registers the ``"paper"`` preset that puts spatial
-Top-K (5%) on its output, so ``sparsify(generator, "paper")`` works.
+Generator blocks are named by the resolution they output (``feat_8`` ... ``feat_1024``), as in the
+official code, so the paper's Top-K position is ``feat_32``. Where the two upstream codes differ the
+choice is a constructor argument (``GeneratorConfig`` field); the defaults are the fork's (the paper's):
+
+* ``se_gate``: ``"none"`` -- the fork's SLE multiplies by the raw 1x1-conv output (its ``nn.Sigmoid``
+  is built but never called); ``"sigmoid"`` -- the official gate.
+* ``noise``: ``False`` -- the paper's runs pass ``--nonoise`` (and the fork's injection is disabled anyway).
+* ``output``: ``"fastgan"`` -- raw conv outputs at 256 and 512 px, ``tanh`` only at 1024 px, as both
+  upstream codes; ``"tanh"`` -- ``tanh`` at every size.
+
+``upstream_generator_state``, ``upstream_generator_config`` and ``upstream_key_map`` load generator files
+from either upstream code (official ``{'g', 'd'}`` / ``all_*.pth``, the fork's ``best_all_*.pth``) with
+``topk_plugin.checkpoints.load_checkpoint``.
 """
 from __future__ import annotations
 
 import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from topk_plugin import TopKSpec, register_preset
+from topk_plugin.checkpoints import CheckpointError, unwrap_state_dict
 
 SIZES = (64, 128, 256, 512, 1024)
+SE_GATES = ("none", "sigmoid")
+OUTPUTS = ("fastgan", "tanh")
 GEN_WIDTH = {4: 16, 8: 8, 16: 4, 32: 2, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}
 DISC_WIDTH = {4: 16, 8: 16, 16: 8, 32: 4, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}
+DECODER_BASE = 32  # the discriminator's decoders have a fixed width in the official code, whatever ndf is
 TOPK_POSITION = "feat_32"
 PAPER_K = 0.05
 
@@ -33,17 +50,39 @@ def check_size(size: int) -> int:
     return size
 
 
+def check_choice(name: str, value: str, allowed) -> str:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+    return value
+
+
 def small_size(size: int) -> int:
     """Resolution of the auxiliary output and of the reconstructions: 128, or half of smaller images."""
     return min(128, check_size(size) // 2)
 
 
+def _normal_init(module: nn.Module) -> nn.Module:
+    """The upstream ``weights_init`` of a conv: weights N(0, 0.02); spectral norm then fits its vectors to them."""
+    nn.init.normal_(module.weight, 0.0, 0.02)
+    return spectral_norm(module)
+
+
 def conv(*args, **kwargs) -> nn.Module:
-    return spectral_norm(nn.Conv2d(*args, **kwargs))
+    return _normal_init(nn.Conv2d(*args, **kwargs))
 
 
 def conv_transpose(*args, **kwargs) -> nn.Module:
-    return spectral_norm(nn.ConvTranspose2d(*args, **kwargs))
+    return _normal_init(nn.ConvTranspose2d(*args, **kwargs))
+
+
+def init_batchnorm(model: nn.Module) -> nn.Module:
+    """The upstream ``weights_init`` of BatchNorm: weights N(1, 0.02), biases 0."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.normal_(1.0, 0.02)
+                m.bias.zero_()
+    return model
 
 
 class NoiseInjection(nn.Module):
@@ -58,50 +97,75 @@ class NoiseInjection(nn.Module):
 
 
 class SkipLayerExcitation(nn.Module):
-    """SLE: channel gates computed from a low-resolution feature multiply a high-resolution one."""
+    """SLE: channel gates computed from a low-resolution feature multiply a high-resolution one.
 
-    def __init__(self, small_channels: int, big_channels: int):
+    ``gate="sigmoid"`` squashes the gates (official FastGAN); ``"none"`` uses the raw conv output (the fork).
+    """
+
+    def __init__(self, small_channels: int, big_channels: int, gate: str = "none"):
         super().__init__()
+        check_choice("se_gate", gate, SE_GATES)
         self.gate = nn.Sequential(
             nn.AdaptiveAvgPool2d(4), conv(small_channels, big_channels, 4, 1, 0, bias=False), nn.SiLU(),
-            conv(big_channels, big_channels, 1, 1, 0, bias=False), nn.Sigmoid())
+            conv(big_channels, big_channels, 1, 1, 0, bias=False), nn.Sigmoid() if gate == "sigmoid" else nn.Identity())
 
     def forward(self, small: torch.Tensor, big: torch.Tensor) -> torch.Tensor:
         return big * self.gate(small)
 
 
 def up_block(cin: int, cout: int, noise: bool, double: bool) -> nn.Sequential:
-    """Nearest x2, conv, (noise), BN, GLU; ``double`` repeats conv-(noise)-BN-GLU once more."""
+    """Nearest x2, conv, BN, GLU; ``double`` (the official ``UpBlockComp``) adds a noise slot after each conv
+    and a second conv-(noise)-BN-GLU. The slot is ``nn.Identity`` without noise, so indices match upstream."""
     def unit(c_in):
-        return [conv(c_in, cout * 2, 3, 1, 1, bias=False), NoiseInjection() if noise else nn.Identity(),
-                nn.BatchNorm2d(cout * 2), nn.GLU(dim=1)]
+        slot = [NoiseInjection() if noise else nn.Identity()] if double else []
+        return [conv(c_in, cout * 2, 3, 1, 1, bias=False), *slot, nn.BatchNorm2d(cout * 2), nn.GLU(dim=1)]
     return nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), *unit(cin), *(unit(cout) if double else []))
 
 
+@dataclass(frozen=True)
+class GeneratorConfig:
+    """Everything that defines a ``Generator``'s layers and forward (stored by field in checkpoints)."""
+
+    size: int = 256
+    ngf: int = 64
+    nz: int = 256
+    noise: bool = False
+    se_gate: str = "none"
+    output: str = "fastgan"
+
+    def build(self) -> "Generator":
+        return Generator(**vars(self))
+
+
 class Generator(nn.Module):
-    """FastGAN generator: ``forward(z)`` returns ``(image, aux)``, both in [-1, 1].
+    """FastGAN generator: ``forward(z)`` returns ``(image, aux)``.
 
     Args:
         size: output resolution, one of ``SIZES``; ``aux`` has ``small_size(size)``.
         ngf: width multiplier (paper: 64). nz: noise dimension (paper: 256).
-        noise: noise injection in every other up-sampling block.
+        noise: noise injection in every other up-sampling block (paper: off).
+        se_gate: ``"none"`` (the fork, paper) or ``"sigmoid"`` (official FastGAN).
+        output: ``"fastgan"`` (tanh only at 1024 px, as upstream) or ``"tanh"`` (always).
     """
 
-    def __init__(self, size: int = 256, ngf: int = 64, nz: int = 256, noise: bool = True, nc: int = 3):
+    def __init__(self, size: int = 256, ngf: int = 64, nz: int = 256, noise: bool = False, se_gate: str = "none",
+                 output: str = "fastgan", nc: int = 3):
         super().__init__()
         self.size, self.nz, self.small = check_size(size), nz, small_size(size)
+        self.tanh = check_choice("output", output, OUTPUTS) == "tanh" or size == 1024
         width = {r: max(1, int(m * ngf)) for r, m in GEN_WIDTH.items()}
         self.init = nn.Sequential(conv_transpose(nz, width[4] * 2, 4, 1, 0, bias=False),
                                   nn.BatchNorm2d(width[4] * 2), nn.GLU(dim=1))
         self.resolutions = [2 ** i for i in range(3, int(math.log2(size)) + 1)]
-        for i, r in enumerate(self.resolutions):  # feat_8, feat_32, ... are doubled and noisy, as in the paper
-            self.add_module(f"feat_{r}", up_block(width[r // 2], width[r], noise and i % 2 == 0, i % 2 == 0))
+        for i, r in enumerate(self.resolutions):  # feat_8, feat_32, ... are doubled (and noisy), as upstream
+            self.add_module(f"feat_{r}", up_block(width[r // 2], width[r], noise, i % 2 == 0))
         # SLE from 4->64, 8->128, 16->256 and 32->512, when the big side exists
         self.sle = {r: r // 16 for r in self.resolutions if r >= 64 and r // 16 <= 32}
         for big, small in self.sle.items():
-            self.add_module(f"se_{big}", SkipLayerExcitation(width[small], width[big]))
+            self.add_module(f"se_{big}", SkipLayerExcitation(width[small], width[big], se_gate))
         self.to_small = conv(width[self.small], nc, 1, 1, 0, bias=False)
         self.to_big = conv(width[size], nc, 3, 1, 1, bias=False)
+        init_batchnorm(self)
 
     def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         feats = {4: self.init(z.view(z.shape[0], -1, 1, 1))}
@@ -110,7 +174,8 @@ class Generator(nn.Module):
             if r in self.sle:
                 x = getattr(self, f"se_{r}")(feats[self.sle[r]], x)
             feats[r] = x
-        return torch.tanh(self.to_big(feats[self.size])), torch.tanh(self.to_small(feats[self.small]))
+        big, small = self.to_big(feats[self.size]), self.to_small(feats[self.small])
+        return (torch.tanh(big), torch.tanh(small)) if self.tanh else (big, small)
 
 
 class DownBlock(nn.Sequential):
@@ -135,8 +200,8 @@ class DownBlockComp(nn.Module):
 class Decoder(nn.Sequential):
     """8x8 feature -> ``out_size`` image (the discriminator's self-supervised reconstruction)."""
 
-    def __init__(self, cin: int, out_size: int, ndf: int, nc: int = 3):
-        width = {r: max(1, int(m * ndf)) for r, m in GEN_WIDTH.items()}
+    def __init__(self, cin: int, out_size: int, nc: int = 3):
+        width = {r: int(m * DECODER_BASE) for r, m in GEN_WIDTH.items()}
         layers, c, r = [nn.AdaptiveAvgPool2d(8)], cin, 8
         while r < out_size:
             r *= 2
@@ -152,9 +217,10 @@ class Discriminator(nn.Module):
     ``forward(big, small)`` returns patch logits; ``forward(big, small, part)`` (real images) also returns
     the reconstructions of the whole image from the 8x8 feature, of the small image, and of image
     quadrant ``part`` (0..3) from that quadrant of the 16x16 feature, all at ``small_size(size)``.
+    ``se_gate`` as in ``Generator`` (the fork's discriminator shares its ungated SLE).
     """
 
-    def __init__(self, size: int = 256, ndf: int = 64, nc: int = 3):
+    def __init__(self, size: int = 256, ndf: int = 64, se_gate: str = "none", nc: int = 3):
         super().__init__()
         self.size, self.small = check_size(size), small_size(size)
         width = {r: max(1, int(m * ndf)) for r, m in DISC_WIDTH.items()}
@@ -173,7 +239,7 @@ class Discriminator(nn.Module):
         # SLE over 8x in resolution, as 256->32, 128->16, 64->8 in the paper
         self.sle = {r: 8 * r for r in self.resolutions if 8 * r <= top}
         for r, src in self.sle.items():
-            self.add_module(f"se_{r}", SkipLayerExcitation(width[2 * src], width[2 * r]))
+            self.add_module(f"se_{r}", SkipLayerExcitation(width[2 * src], width[2 * r], se_gate))
         self.logits_big = nn.Sequential(conv(width[16], width[8], 1, 1, 0, bias=False), nn.BatchNorm2d(width[8]),
                                         nn.LeakyReLU(0.2), conv(width[8], 1, 4, 1, 0, bias=False))
         small, r = [conv(nc, width[2 * self.small], 4, 2, 1, bias=False), nn.LeakyReLU(0.2)], self.small // 2
@@ -182,9 +248,10 @@ class Discriminator(nn.Module):
             r //= 2
         self.from_small = nn.Sequential(*small)
         self.logits_small = conv(width[32], 1, 4, 1, 0, bias=False)
-        self.decoder_big = Decoder(width[16], self.small, ndf, nc)
-        self.decoder_part = Decoder(width[32], self.small, ndf, nc)
-        self.decoder_small = Decoder(width[32], self.small, ndf, nc)
+        self.decoder_big = Decoder(width[16], self.small, nc)
+        self.decoder_part = Decoder(width[32], self.small, nc)
+        self.decoder_small = Decoder(width[32], self.small, nc)
+        init_batchnorm(self)
 
     def forward(self, big: torch.Tensor, small: torch.Tensor, part: int | None = None):
         feats = {self.resolutions[0] * 2: self.from_big(big)}
@@ -209,6 +276,87 @@ def crop_part(x: torch.Tensor, part: int) -> torch.Tensor:
     h, w = x.shape[-2] // 2, x.shape[-1] // 2
     row, col = divmod(part, 2)
     return x[..., row * h:(row + 1) * h, col * w:(col + 1) * w]
+
+
+# ----------------------------------------------------------------------------- upstream checkpoints
+
+# (pattern, replacement) applied in order to each upstream key; spectral norm's old names last
+_UPSTREAM_RENAMES = [
+    (r"^init\.init\.", "init."),
+    (r"^(se_\d+)\.main\.", r"\1.gate."),
+    (r"^to_128\.", "to_small."),
+    # the fork's --nonoise blocks (UpblockComp_control) name what the official Sequential numbers
+    *((rf"^(feat_\d+)\.{name}\.", rf"\1.{index}.") for name, index in
+      (("conv1", 1), ("noise1", 2), ("bn1", 3), ("conv2", 5), ("noise2", 6), ("bn2", 7))),
+    (r"\.weight_orig$", ".parametrizations.weight.original"),
+    (r"\.weight_u$", ".parametrizations.weight.0._u"),
+    (r"\.weight_v$", ".parametrizations.weight.0._v"),
+]
+_NOISE_KEY = re.compile(r"^feat_(8|32|128|512)\.[26]\.weight$")  # the doubled blocks' noise slots
+_UPSTREAM_BUFFERS = (".weight_u", ".weight_v", ".running_mean", ".running_var", ".num_batches_tracked")
+
+
+def upstream_key(key: str) -> str:
+    """An official-FastGAN or fork generator key renamed to ``Generator``'s (``init.init.0.weight_orig`` ->
+    ``init.0.parametrizations.weight.original``, ``se_64.main.1`` -> ``se_64.gate.1``, ``to_128`` ->
+    ``to_small``, the fork's ``feat_8.conv1`` -> ``feat_8.1``)."""
+    for pattern, replacement in _UPSTREAM_RENAMES:
+        key = re.sub(pattern, replacement, key)
+    return key
+
+
+def upstream_generator_state(checkpoint) -> dict[str, torch.Tensor]:
+    """The generator ``state_dict`` (upstream key names) in an upstream FastGAN file, with EMA weights.
+
+    ``{'g', 'd'}`` files (the official ``N.pth``, the fork's ``best.pth``) hold the EMA generator as ``'g'``.
+    ``all_N.pth`` / ``best_all_*.pth`` hold the raw generator as ``'g'`` and the EMA parameters as the list
+    ``'g_ema'``, in the upstream model's parameter order: they replace ``'g'``'s parameters in that order
+    (its buffers, BatchNorm statistics and spectral-norm vectors, stay).
+    """
+    if isinstance(checkpoint, Mapping) and isinstance(checkpoint.get("g_ema"), (list, tuple)):
+        state = unwrap_state_dict(checkpoint, key="g")
+        params = [k for k in state if not k.endswith(_UPSTREAM_BUFFERS)]
+        ema = checkpoint["g_ema"]
+        if len(ema) != len(params) or any(tuple(t.shape) != tuple(state[k].shape) for k, t in zip(params, ema)):
+            raise CheckpointError(f"'g_ema' ({len(ema)} tensors) does not match the {len(params)} parameters "
+                                  "of 'g' in order and shape")
+        return {**state, **dict(zip(params, ema))}
+    return unwrap_state_dict(checkpoint)
+
+
+def upstream_key_map(state: dict[str, torch.Tensor], *, noise: bool) -> Callable[[str], str | None]:
+    """``key_map`` for ``load_checkpoint``: ``upstream_key``, and without ``noise`` the noise weights dropped.
+
+    Dropping is only allowed when they are all zero (the fork never injects noise, so its stay zero); a
+    trained non-zero one raises ``ValueError``: that checkpoint needs a generator with ``noise=True``.
+    """
+    if not noise:
+        live = [f"{k} = {v.flatten()[0].item():.4g}" for k, v in state.items()
+                if _NOISE_KEY.match(upstream_key(k)) and v.abs().max() > 0]
+        if live:
+            raise ValueError(f"this checkpoint injects noise ({', '.join(live[:3])}); "
+                             "build the generator with noise (--noise)")
+
+    def key_map(key: str) -> str | None:
+        new = upstream_key(key)
+        return None if not noise and _NOISE_KEY.match(new) else new
+    return key_map
+
+
+def upstream_generator_config(state: dict[str, torch.Tensor], **choices) -> GeneratorConfig:
+    """``GeneratorConfig`` of an upstream generator ``state_dict``: size, ngf, nz and noise read from it.
+
+    ``se_gate`` and ``output`` cannot be read from weights: pass them in ``choices`` (defaults: the fork's).
+    """
+    renamed = {upstream_key(k): v for k, v in state.items()}
+    init = renamed.get("init.0.parametrizations.weight.original")
+    if init is None:
+        raise CheckpointError(f"not a FastGAN generator state_dict: no 'init.init.0.weight_orig' "
+                              f"(first keys: {list(state)[:4]})")
+    sizes = [int(m.group(1)) for k in renamed if (m := re.match(r"^feat_(\d+)\.", k))]
+    noise = any(v.abs().max() > 0 for k, v in renamed.items() if _NOISE_KEY.match(k))
+    found = dict(size=max(sizes), ngf=init.shape[1] // (2 * GEN_WIDTH[4]), nz=init.shape[0], noise=noise)
+    return GeneratorConfig(**{**found, **choices})
 
 
 # ----------------------------------------------------------------------------- DiffAugment
@@ -257,9 +405,10 @@ AUGMENTS = {
     "translation": (_translation,),
     "cutout": (_cutout,),
 }
+PAPER_POLICY = "color,translation"  # the fork's and the official train.py's policy: no cutout
 
 
-def diff_augment(x: torch.Tensor, policy: str = "color,translation,cutout") -> torch.Tensor:
+def diff_augment(x: torch.Tensor, policy: str = PAPER_POLICY) -> torch.Tensor:
     """DiffAugment: differentiable random augmentations, applied alike to real and generated images."""
     for name in filter(None, policy.split(",")):
         if name not in AUGMENTS:
@@ -267,7 +416,3 @@ def diff_augment(x: torch.Tensor, policy: str = "color,translation,cutout") -> t
         for fn in AUGMENTS[name]:
             x = fn(x)
     return x
-
-
-register_preset("paper", "fastgan", TopKSpec([TOPK_POSITION], k=PAPER_K), lambda m: isinstance(m, Generator),
-                "FastGAN generator: Top-K after the 32x32 block (paper §4.4: 5%; Table-100 uses 15%)")

@@ -1,288 +1,436 @@
-"""Shape bias of a model under Top-K at several K, beside its dense self, humans and the paper's runs.
+"""Shape bias (paper Fig. 4) of one or more models under Top-K at several K, beside humans and the paper's runs.
 
-    python recipes/shape_bias.py --model alexnet --preset paper --k 0.05,0.1,0.2,0.3,0.5 \\
-        --weights DEFAULT --data ../shared/data/texture-shape --out runs/shape-bias-alexnet
+    python recipes/shape_bias.py --model alexnet,vgg16,resnet50,convnext_tiny --preset stage-ends \\
+        --weights DEFAULT --k 0.05,0.1,0.2,0.3,0.5 --data ../shared/data/texture-shape --out runs/fig4
 
-Each stimulus is decoded once; every run (dense, then each K) is evaluated on the same decoded images.
-Writes per-image decisions in model-vs-human's raw-data CSV format (``responses/<dataset>/``),
-``summary.csv``, ``per_category.csv``, ``summary.json`` and three plots (PNG + PDF).
+Every option is checked before any model is built or image decoded. Each stimulus is decoded once; every
+model, dense and at every K, is evaluated on the same decoded images. Writes per-image decisions in
+model-vs-human's raw-data CSV format (``responses/<dataset>/``), ``summary.csv`` (one row per model and K),
+``per_category.csv``, ``summary.json``, ``config.json`` and the plots ``shape_bias_vs_k``, ``frontier`` and
+``per_category`` (PNG + PDF).
 """
 from __future__ import annotations
 
+import argparse
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-import matplotlib
+import torch
+from torch import nn
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-import torchvision  # noqa: E402
-from torch import nn  # noqa: E402
+from topk_plugin import preset_names, set_k, sparsify
+from topk_plugin.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
+from topk_plugin.integrations import cue_conflict as cc
+from topk_plugin.integrations.modelvshuman import HUMAN_COLOR, sweep_name
+from topk_plugin.integrations.shape_bias import (accuracy, category_shape_bias, conflict_trials,
+                                                 shape_texture_fractions, summarize)
+from topk_plugin.models import create_model
+from topk_plugin.ops import MODES
+from topk_plugin.recipes._common import (SHARED_DATA, apply_smoke, k_list, positive_int, prepare_out, pyplot,
+                                         recipe_parser, require_dir, resolve_device, save_config, save_figure,
+                                         seed_everything, warn_meaningless, write_csv, write_json)
 
-from topk_plugin.integrations import cue_conflict as cc  # noqa: E402
-from topk_plugin.integrations.modelvshuman import HUMAN_COLOR, sweep_name  # noqa: E402
-from topk_plugin.integrations.shape_bias import (accuracy, category_shape_bias, read_responses,  # noqa: E402
-                                     shape_texture_fractions, summarize)
-from topk_plugin.recipes._common import (SHARED_DATA, parse_k, recipe_parser, require_dir, resolve_device,  # noqa: E402
-                             seed_everything, warn_meaningless, write_json)
-from topk_plugin import set_k, sparsify  # noqa: E402
-from topk_plugin.ops import MODES  # noqa: E402
-from topk_plugin.presets import preset_names  # noqa: E402
-
-SMOKE_PER_CATEGORY = 3
-# The paper's recorded runs (../shared/data/paper-responses) by the architecture they belong to.
+SMOKE = {"per_category": 3, "k": [0.1, 0.5], "device": "cpu"}
+STAGE_ENDS = "stage-ends"  # the core's placement for any model (topk_plugin.placement)
+# The paper's recorded runs (../shared/data/paper-responses) by architecture, and the models they belong to.
+PAPER_ARCHS = {"AlexNet": "AlexNet", "VGG": "VGG16"}
 PAPER_RUNS = {"alexnet": "AlexNet", "vgg16": "VGG", "vgg16_bn": "VGG"}
-PAPER_RUN = re.compile(r"^cue-conflict_(?P<arch>[A-Za-z]+)-(?:normal|topK-(?P<k>\d+))_session-1\.csv$")
+PAPER_RUN = re.compile(r"^cue-conflict_(?P<arch>AlexNet|VGG)-(?:normal|topK-(?P<k>\d+))_session-1\.csv$")
 
 
-# ----------------------------------------------------------------------------- model loading
+@dataclass
+class ShapeBiasConfig:
+    """One comparison run: ``weights[model]`` is a weights name, a checkpoint file, or None (random init)."""
 
-def _torchvision_model(name: str, weights: str | None) -> nn.Module:
-    return torchvision.models.get_model(name, weights=weights)
+    models: list[str]
+    weights: dict[str, str | None]
+    placement: str | list[str]  # a preset name, "stage-ends", or positions for every model
+    ks: list[float | int]
+    mode: str
+    datasets: list[str]
+    data: Path
+    per_category: int | None
+    batch_size: int
+    device: str
+    seed: int
+    skip_bad_images: bool
+    humans: Path | None  # raw-data folders holding cue-conflict/; None: not drawn
+    paper: Path | None
 
-
-def _timm_model(name: str, weights: str | None) -> nn.Module:
-    import timm
-    if weights is None:
-        return timm.create_model(name, pretrained=False)
-    # timm names pretrained weights by tag ("resnet50.a1_in1k"); DEFAULT takes the architecture's default tag.
-    return timm.create_model(name if weights == "DEFAULT" else f"{name}.{weights}", pretrained=True)
-
-
-def _timm_names() -> set[str]:
-    try:
-        import timm
-    except ImportError:
-        return set()
-    return set(timm.list_models())
-
-
-MODEL_SOURCES = {"torchvision": (lambda: set(torchvision.models.list_models()), _torchvision_model),
-                 "timm": (_timm_names, _timm_model)}
+    @property
+    def random_models(self) -> list[str]:
+        return [m for m in self.models if self.weights[m] is None]
 
 
-def load_state(path: Path) -> dict:
-    """A state_dict from a checkpoint file: bare, or under ``state_dict``/``model``; ``module.`` prefixes dropped."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    return {(k[len("module."):] if k.startswith("module.") else k): v for k, v in state.items()}
+# ----------------------------------------------------------------------------- options
+
+def model_list(text: str) -> list[str]:
+    """argparse type: comma-separated model names, none empty or repeated, each with its own run name."""
+    names = [name.strip() for name in text.split(",")]
+    if not text.strip() or not all(names):
+        raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated model names, e.g. alexnet,vgg16")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise argparse.ArgumentTypeError(f"{text!r} names {repeated} more than once")
+    prefixes = [run_prefix(n) for n in names]
+    clashes = sorted({n for n, p in zip(names, prefixes) if prefixes.count(p) > 1})
+    if clashes:
+        raise argparse.ArgumentTypeError(f"{text!r}: {clashes} would share run names; list one of them only")
+    return names
 
 
-def build_model(name: str, weights: str | None) -> nn.Module:
-    """``name`` from torchvision (first) or timm, with named pretrained weights, a local file, or random init."""
-    path = Path(weights) if weights and Path(weights).is_file() else None
-    if weights and path is None and ("/" in weights or Path(weights).suffix):
-        raise SystemExit(f"--weights {weights!r}: no such checkpoint file")
-    named = weights if path is None else None
-    for source, (names, make) in MODEL_SOURCES.items():
-        if name in names():
+def run_prefix(model: str) -> str:
+    """The run-name prefix of a model name (``timm/resnet50.a1_in1k`` -> ``timm_resnet50_a1_in1k``)."""
+    return re.sub(r"[^0-9A-Za-z]+", "_", model).strip("_")
+
+
+def _is_path(value: str) -> bool:
+    return "/" in value or "\\" in value or Path(value).suffix != ""
+
+
+def parse_weights(text: str | None, models: list[str]) -> dict[str, str | None]:
+    """``--weights``: one value for every model, or ``model=value`` pairs (unnamed models: random init)."""
+    if text is None:
+        return dict.fromkeys(models)
+    items = [item.strip() for item in text.split(",")]
+    if "=" not in text or Path(text).is_file():
+        if len(items) > 1 and not Path(text).is_file():
+            raise SystemExit(f"--weights {text!r}: give one value for every model, or MODEL=WEIGHTS pairs")
+        return dict.fromkeys(models, text.strip())
+    weights: dict[str, str | None] = dict.fromkeys(models)
+    for item in items:
+        model, _, value = item.partition("=")
+        if not model or not value:
+            raise SystemExit(f"--weights {text!r}: {item!r} is not MODEL=WEIGHTS")
+        if model not in weights:
+            raise SystemExit(f"--weights {text!r}: {model!r} is not one of --model {models}")
+        if weights[model] is not None:
+            raise SystemExit(f"--weights {text!r} gives {model!r} twice")
+        weights[model] = value
+    return weights
+
+
+def read_checkpoints(weights: dict[str, str | None]) -> dict[str, object]:
+    """Every checkpoint file named in ``weights``, read now so that a bad file stops the run before any work."""
+    loaded = {}
+    for model, value in weights.items():
+        if value is None:
+            continue
+        if Path(value).is_file():
             try:
-                model = make(name, named)
-            except Exception as err:  # noqa: BLE001 - a failed download or an unknown weight name
-                raise SystemExit(f"--model {name} --weights {weights!r}: {source} could not load these weights "
-                                 f"({type(err).__name__}: {err}). Pass a local checkpoint file instead.") from err
-            if path is not None:
-                model.load_state_dict(load_state(path))
-            return model
-    raise SystemExit(f"--model {name!r} is neither a torchvision nor a timm model name")
+                loaded[model] = read_checkpoint(value)
+            except CheckpointError as err:
+                raise SystemExit(f"--weights {model}={value}: {err}") from None
+        elif _is_path(value):
+            raise SystemExit(f"--weights {model}={value}: no such checkpoint file")
+    return loaded
+
+
+def check_placement(args) -> str | list[str]:
+    if args.positions:
+        return [p.strip() for p in args.positions.split(",") if p.strip()]
+    known = [*preset_names(), STAGE_ENDS]
+    if args.preset not in known:
+        raise SystemExit(f"--preset {args.preset!r} is not a placement; choose one of {known} "
+                         "(or name modules with --positions)")
+    return args.preset
+
+
+def build_parser():
+    parser = recipe_parser(__doc__.splitlines()[0], SHARED_DATA / "texture-shape", "runs/shape-bias")
+    parser.add_argument("--model", type=model_list, default="alexnet",
+                        help="comma-separated model names: torchvision, timm (timm/NAME forces timm) or this "
+                             "library's (topk_plugin.models.create_model)")
+    parser.add_argument("--weights", default=None,
+                        help="one value for every model, or MODEL=WEIGHTS,... per model; a value is a weights name "
+                             "(DEFAULT, IMAGENET1K_V1, ...) or a local checkpoint file. Models without weights "
+                             "run on random initialisation: their numbers are meaningless")
+    placement = parser.add_mutually_exclusive_group()
+    placement.add_argument("--preset", default="paper",
+                           help=f"Top-K placement for every model: {STAGE_ENDS!r} (any model: after each stage) "
+                                f"or a preset {preset_names()} (each model must have one)")
+    placement.add_argument("--positions", default=None,
+                           help="comma-separated positions for every model instead of --preset "
+                                "(see topk_plugin.list_positions)")
+    parser.add_argument("--k", type=k_list, default="0.05,0.1,0.2,0.3,0.5",
+                        help=f"comma-separated K: fractions in (0, 1] or counts >= 1 ({SMOKE['k']} with --smoke)")
+    parser.add_argument("--mode", default="topk", choices=MODES, help="Top-K mode")
+    parser.add_argument("--datasets", default=",".join(cc.DATASETS),
+                        help="comma-separated subfolders of --data; cue-conflict gives shape bias, others accuracy")
+    parser.add_argument("--per-category", type=positive_int, default=None,
+                        help=f"use the first N images of each category; unset: all ({SMOKE['per_category']} "
+                             "with --smoke)")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per forward pass")
+    parser.add_argument("--skip-bad-images", action="store_true",
+                        help="leave out images that cannot be decoded (listed in summary.json) instead of stopping")
+    parser.add_argument("--humans", type=Path, default=SHARED_DATA / "human-responses",
+                        help="human raw-data folder (cue-conflict/*.csv), or 'none'; the default is drawn if present")
+    parser.add_argument("--paper", type=Path, default=SHARED_DATA / "paper-responses",
+                        help="the paper's recorded runs (cue-conflict/*.csv), or 'none'; the default is drawn if "
+                             "present")
+    return parser
+
+
+def reference_dir(args, parser, option: str) -> Path | None:
+    """``--humans`` / ``--paper``: a folder with ``cue-conflict/`` inside, or None ('none', or the default absent)."""
+    folder = getattr(args, option)
+    if str(folder) == "none":
+        return None
+    if (folder / cc.CUE_CONFLICT).is_dir():
+        return folder
+    if option in parser.given:
+        raise SystemExit(f"--{option} {folder} holds no {cc.CUE_CONFLICT} folder; give the folder that does, "
+                         "or 'none'")
+    print(f"note: {folder / cc.CUE_CONFLICT} not found; the plots go without --{option}", file=sys.stderr)
+    return None
+
+
+def make_config(args, parser) -> ShapeBiasConfig:
+    """Check every option (nothing is built or decoded here) and return the run's configuration."""
+    datasets = [d.strip() for d in args.datasets.split(",") if d.strip()]
+    if cc.CUE_CONFLICT not in datasets or len(set(datasets)) != len(datasets):
+        raise SystemExit(f"--datasets {args.datasets!r} must list cue-conflict (the shape-bias stimuli) and "
+                         "no folder twice")
+    data = require_dir(args.data, "texture-shape stimuli (--data)")
+    for name in datasets:
+        require_dir(data / name, f"--datasets {name} stimuli")
+    return ShapeBiasConfig(
+        models=args.model, weights=parse_weights(args.weights, args.model), placement=check_placement(args),
+        ks=args.k, mode=args.mode, datasets=datasets, data=data, per_category=args.per_category,
+        batch_size=args.batch_size, device=str(resolve_device(args.device)), seed=args.seed,
+        skip_bad_images=args.skip_bad_images, humans=reference_dir(args, parser, "humans"),
+        paper=reference_dir(args, parser, "paper"))
+
+
+# ----------------------------------------------------------------------------- models
+
+def build_models(config: ShapeBiasConfig, checkpoints: dict) -> dict[str, tuple[nn.Module, nn.Module]]:
+    """``{model: (dense, sparse)}``, every model seeded alike, so adding one to the list changes no other."""
+    models = {}
+    for name in config.models:
+        weights = config.weights[name]
+        seed_everything(config.seed)
+        try:
+            dense = create_model(name, weights=None if name in checkpoints else weights)
+        except Exception as err:  # noqa: BLE001 - an unknown name, weight name, or a failed download
+            raise SystemExit(f"--model {name} (--weights {weights!r}): {err}") from None
+        if name in checkpoints:
+            try:
+                load_checkpoint(dense, checkpoints[name])
+            except CheckpointError as err:
+                raise SystemExit(f"--weights {name}={weights}: {err}") from None
+        dense = dense.eval().to(config.device)
+        try:
+            sparse = sparsify(dense, config.placement, mode=config.mode).eval()
+        except (ValueError, RuntimeError) as err:
+            option = "--positions" if isinstance(config.placement, list) else "--preset"
+            raise SystemExit(f"--model {name} {option} {config.placement!r}: {err}") from None
+        models[name] = (dense, sparse)
+    return models
 
 
 # ----------------------------------------------------------------------------- references
 
-def paper_runs(folder: Path, arch: str | None) -> dict[str, pd.DataFrame]:
-    """The paper's recorded cue-conflict runs of ``arch``: ``{"dense": df, "5": df, "10": df, ...}``."""
-    runs = {}
-    if arch is None or not folder.is_dir():
+def paper_runs(folder: Path | None) -> dict[str, dict[str, dict]]:
+    """Fractions of the paper's recorded cue-conflict runs: ``{"AlexNet": {"dense": {...}, "10": {...}}, ...}``."""
+    runs: dict[str, dict[str, dict]] = {}
+    if folder is None:
         return runs
-    for path in sorted(folder.glob("*.csv")):
+    for path in sorted((folder / cc.CUE_CONFLICT).glob("*.csv")):
         match = PAPER_RUN.match(path.name)
-        if match and match["arch"] == arch:
-            runs[match["k"] or "dense"] = read_responses(path)
-    return runs
+        if match:
+            runs.setdefault(match["arch"], {})[match["k"] or "dense"] = shape_texture_fractions(path)
+    return {arch: dict(sorted(r.items(), key=lambda kv: -1 if kv[0] == "dense" else int(kv[0])))
+            for arch, r in runs.items()}
 
 
 # ----------------------------------------------------------------------------- plots
 
-def _save(fig, out: Path, stem: str) -> None:
-    for suffix in ("png", "pdf"):
-        fig.savefig(out / f"{stem}.{suffix}", dpi=150, bbox_inches="tight")
-    plt.close(fig)
+def _k_axis(ks: list) -> tuple[list, str, bool]:
+    """x positions, axis label, and whether they are percentages (then the paper's runs can be drawn)."""
+    if all(isinstance(k, float) for k in ks):
+        return [k * 100 for k in ks], "K (% of positions kept per channel)", True
+    if all(isinstance(k, int) for k in ks):
+        return list(ks), "K (positions kept per channel)", False
+    return list(range(len(ks))), "K", False
 
 
-def plot_bias_vs_k(summary: pd.DataFrame, ks: list, humans: pd.DataFrame, paper: dict, label: str,
-                   out: Path) -> None:
-    """``summary``: the dense run first, then one row per entry of ``ks``."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    fractions = all(isinstance(k, float) for k in ks)
-    x = [k * 100 if fractions else k for k in ks]
-    ax.plot(x, summary["shape_bias"].iloc[1:], "o-", color="tab:blue", label=f"{label} + Top-K (this run)")
-    ax.axhline(summary["shape_bias"].iloc[0], color="tab:blue", ls="--", label=f"{label} dense (this run)")
+def _title(text: str, config: ShapeBiasConfig) -> str:
+    if config.random_models:
+        return f"{text}\nRANDOM WEIGHTS ({', '.join(config.random_models)}): numbers meaningless"
+    return text
+
+
+def plot_bias_vs_k(summary, config: ShapeBiasConfig, humans, paper: dict, out: Path) -> list[Path]:
+    plt = pyplot()
+    x, xlabel, percent = _k_axis(config.ks)
+    fig, ax = plt.subplots(figsize=(7, 4.6))
+    colors = plt.colormaps["tab10"]
+    for i, model in enumerate(config.models):
+        runs = summary[summary["model"] == model]
+        ax.plot(x, runs["shape_bias"].iloc[1:], "o-", color=colors(i % 10), label=f"{model} + Top-K")
+        ax.axhline(runs["shape_bias"].iloc[0], color=colors(i % 10), ls="--", lw=1, label=f"{model} dense")
+        arch = PAPER_RUNS.get(model)
+        if percent and arch in paper:
+            points = [(int(k), s["shape_bias"]) for k, s in paper[arch].items() if k != "dense"]
+            ax.plot(*zip(*points), "s:", color=colors(i % 10), mfc="none", label=f"paper's {PAPER_ARCHS[arch]} runs")
     if len(humans):
         ax.axhspan(humans["shape_bias"].min(), humans["shape_bias"].max(), color=HUMAN_COLOR, alpha=0.15)
         ax.axhline(humans["shape_bias"].mean(), color=HUMAN_COLOR, label="humans (mean, range)")
-    if paper and fractions:
-        points = sorted((int(k), shape_texture_fractions(df)["shape_bias"]) for k, df in paper.items() if k != "dense")
-        if points:
-            ax.plot(*zip(*points), "s-", color="tab:gray", label="paper's Top-K runs")
-        if "dense" in paper:
-            ax.axhline(shape_texture_fractions(paper["dense"])["shape_bias"], color="tab:gray", ls=":",
-                       label="paper's dense run")
-    xlabel = "K (% of positions kept per channel)" if fractions else "K (positions kept per channel)"
-    ax.set(xlabel=xlabel, ylabel="shape bias", ylim=(0, 1),
-           title=f"Shape bias vs K: {label}")
-    ax.legend(fontsize=8, loc="best")
-    ax.grid(alpha=0.3)
-    _save(fig, out, "shape_bias_vs_k")
-
-
-def plot_per_category(per_category: pd.DataFrame, label: str, out: Path) -> None:
-    """The benchmark's matrix-plot layout: one row per category, shape fraction along x, humans' order."""
-    order = per_category["humans"].sort_values().index if "humans" in per_category else per_category.index
-    fig, ax = plt.subplots(figsize=(7, 0.42 * len(order) + 1.5))
-    colors = plt.colormaps["viridis"]
-    runs = [c for c in per_category.columns if c != "humans"]
-    rows = range(len(order))
-    for i, run in enumerate(runs):
-        color = colors(i / max(1, len(runs) - 1))
-        ax.scatter(per_category.loc[order, run], rows, color=color, s=40, label=run, zorder=3, clip_on=False)
-    if "humans" in per_category:
-        ax.scatter(per_category.loc[order, "humans"], rows, color=HUMAN_COLOR, marker="D", s=50, label="humans",
-                   zorder=4, clip_on=False)
-    for y in rows[:-1]:
-        ax.axhline(y + 0.5, color="gray", ls=":", alpha=0.4)
-    ax.set_yticks(list(rows), list(order))
-    ax.set(xlim=(0, 1), ylim=(-0.5, len(order) - 0.5), xlabel="fraction of 'shape' decisions (shape bias)",
-           ylabel="shape category", title=f"Shape bias per category: {label}")
+    if not percent:
+        ax.set_xticks(x, [str(k) for k in config.ks])
+    ax.set(xlabel=xlabel, ylabel="shape bias", ylim=(0, 1), title=_title("Shape bias vs K", config))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
-    _save(fig, out, "per_category")
+    ax.grid(alpha=0.3)
+    return save_figure(fig, out / "shape_bias_vs_k")
 
 
-def plot_bias_vs_accuracy(summary: pd.DataFrame, humans: pd.DataFrame, paper: dict, label: str, out: Path) -> None:
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    colors = plt.colormaps["viridis"]
-    for i, row in enumerate(summary.itertuples()):
-        ax.scatter(row.shape_or_texture, row.shape_bias, color=colors(i / max(1, len(summary) - 1)), label=row.run,
-                   zorder=3)
+def plot_frontier(summary, config: ShapeBiasConfig, humans, paper: dict, out: Path) -> list[Path]:
+    """Shape bias against the fraction of decisions that follow either cue: dense and every K, per model."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5))
+    colors = plt.colormaps["tab10"]
+    for i, model in enumerate(config.models):
+        runs = summary[summary["model"] == model]
+        color = colors(i % 10)
+        ax.plot(runs["shape_or_texture"], runs["shape_bias"], "-", color=color, alpha=0.5)
+        ax.scatter(runs["shape_or_texture"].iloc[:1], runs["shape_bias"].iloc[:1], facecolors="none",
+                   edgecolors=[color], s=60, zorder=3, label=f"{model} dense")
+        ax.scatter(runs["shape_or_texture"].iloc[1:], runs["shape_bias"].iloc[1:], color=color, s=30, zorder=3,
+                   label=f"{model} + Top-K (K labelled)")
+        for row in runs.iloc[1:].itertuples():
+            ax.annotate(_k_label(row.k), (row.shape_or_texture, row.shape_bias), fontsize=6, color=color,
+                        xytext=(3, 3), textcoords="offset points")
+    for arch, marker in zip(paper, ("s", "^")):
+        stats = paper[arch]
+        ax.scatter([s["shape_or_texture"] for s in stats.values()], [s["shape_bias"] for s in stats.values()],
+                   marker=marker, facecolors="none", edgecolors="tab:gray", label=f"paper's {PAPER_ARCHS[arch]} runs")
+        for k, s in stats.items():
+            ax.annotate(k if k == "dense" else f"{k}%", (s["shape_or_texture"], s["shape_bias"]), fontsize=6,
+                        color="tab:gray", xytext=(3, -8), textcoords="offset points")
     if len(humans):
         ax.scatter(humans["shape_or_texture"], humans["shape_bias"], color=HUMAN_COLOR, marker="D", label="humans")
-    if paper:
-        stats = {k: shape_texture_fractions(df) for k, df in paper.items()}
-        ax.scatter([s["shape_or_texture"] for s in stats.values()], [s["shape_bias"] for s in stats.values()],
-                   facecolors="none", edgecolors="tab:gray", label="paper's runs (K %)")
-        for k, s in stats.items():
-            ax.annotate(k, (s["shape_or_texture"], s["shape_bias"]), fontsize=7, color="tab:gray",
-                        xytext=(3, -8), textcoords="offset points")
-    ax.set(xlabel="fraction of cue-conflict decisions that are shape or texture", ylabel="shape bias",
-           xlim=(0, 1), ylim=(0, 1), title=f"Shape bias vs shape-or-texture accuracy: {label}")
+    ax.set(xlabel="fraction of cue-conflict decisions that are the shape or the texture", ylabel="shape bias",
+           xlim=(0, 1), ylim=(0, 1), title=_title("Shape bias vs shape-or-texture decisions", config))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
-    _save(fig, out, "shape_bias_vs_accuracy")
+    return save_figure(fig, out / "frontier")
 
 
-# ----------------------------------------------------------------------------- main
+def plot_per_category(per_category, summary, config: ShapeBiasConfig, out: Path) -> list[Path]:
+    """The benchmark's matrix-plot layout, one panel per model: categories in humans' order, shape fraction on x."""
+    plt = pyplot()
+    order = per_category["humans"].sort_values().index if "humans" in per_category else per_category.index
+    rows = range(len(order))
+    fig, axes = plt.subplots(1, len(config.models), figsize=(4 * len(config.models) + 1.5, 0.42 * len(order) + 1.8),
+                             sharey=True, squeeze=False)
+    for ax, model in zip(axes[0], config.models):
+        runs = list(summary.loc[summary["model"] == model, "run"])
+        for i, run in enumerate(runs):
+            ax.scatter(per_category.loc[order, run], rows, color=plt.colormaps["viridis"](i / max(1, len(runs) - 1)),
+                       s=30, label=run, zorder=3, clip_on=False)
+        if "humans" in per_category:
+            ax.scatter(per_category.loc[order, "humans"], rows, color=HUMAN_COLOR, marker="D", s=40, label="humans",
+                       zorder=4, clip_on=False)
+        for y in rows[:-1]:
+            ax.axhline(y + 0.5, color="gray", ls=":", alpha=0.4)
+        ax.set(xlim=(0, 1), ylim=(-0.5, len(order) - 0.5), xlabel="shape bias", title=model)
+        ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
+    axes[0][0].set_yticks(list(rows), list(order))
+    axes[0][0].set_ylabel("shape category")
+    fig.suptitle(_title("Shape bias per category", config))
+    return save_figure(fig, out / "per_category")
 
-def parse_ks(text: str) -> list:
-    return [parse_k(item) for item in filter(None, (t.strip() for t in text.split(",")))]
+
+def _k_label(k) -> str:
+    return f"{k * 100:g}%" if isinstance(k, float) else str(k)
 
 
-def main(argv=None) -> dict:
-    parser = recipe_parser(__doc__.splitlines()[0], SHARED_DATA / "texture-shape", "runs/shape-bias")
-    parser.add_argument("--model", default="alexnet", help="torchvision or timm model name")
-    parser.add_argument("--weights", default=None,
-                        help="weight name (torchvision: DEFAULT, IMAGENET1K_V1, ...; timm: DEFAULT or a pretrained "
-                             "tag) or a local checkpoint file; none = random init (numbers meaningless)")
-    parser.add_argument("--preset", default="paper", help=f"Top-K placement preset {preset_names()}")
-    parser.add_argument("--positions", default=None,
-                        help="comma-separated positions to use instead of --preset (see topk_plugin.list_positions)")
-    parser.add_argument("--k", default="0.05,0.1,0.2,0.3,0.5", help="comma-separated K: fractions or counts")
-    parser.add_argument("--mode", default="topk", choices=MODES, help="Top-K mode")
-    parser.add_argument("--datasets", default=",".join(cc.DATASETS),
-                        help="comma-separated subfolders of --data; cue-conflict gives shape bias, others accuracy")
-    parser.add_argument("--per-category", type=int, default=None,
-                        help=f"use the first N images of each category; unset: all ({SMOKE_PER_CATEGORY} with --smoke)")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass")
-    parser.add_argument("--humans", type=Path, default=SHARED_DATA / "human-responses",
-                        help="human raw-data folder (<dataset>/*.csv)")
-    parser.add_argument("--paper", type=Path, default=SHARED_DATA / "paper-responses",
-                        help="the paper's recorded runs (<dataset>/*.csv)")
-    args = parser.parse_args(argv)
+# ----------------------------------------------------------------------------- the run
 
-    seed_everything(args.seed)
-    device = torch.device("cpu") if args.smoke else resolve_device(args.device)
-    data = require_dir(args.data, "texture-shape stimuli (--data)")
-    datasets = [d for d in args.datasets.split(",") if d]
-    if "cue-conflict" not in datasets:
-        raise SystemExit(f"--datasets {args.datasets!r} must include cue-conflict (the shape-bias stimuli)")
-    ks = parse_ks(args.k)
-    per_category = args.per_category or (SMOKE_PER_CATEGORY if args.smoke else None)
-    out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+def evaluate_all(config: ShapeBiasConfig, models: dict, stimuli: dict, out: Path) -> tuple[list[dict], dict]:
+    """Dense and every K of every model on the decoded stimuli; writes the per-image responses."""
+    rows, per_category = [], {}
+    for name, (dense, sparse) in models.items():
+        for k in [None, *config.ks]:
+            model = dense if k is None else set_k(sparse, k)
+            subj = sweep_name(run_prefix(name), k)
+            row = {"model": name, "weights": config.weights[name] or "random init", "run": subj, "k": k}
+            tick = time.perf_counter()
+            for dataset, stim in stimuli.items():
+                decisions = cc.evaluate(model, stim, config.batch_size, config.device, f"{subj} {dataset}")
+                frame = cc.responses_frame(decisions, stim, subj)
+                cc.write_responses(frame, out / "responses", dataset)
+                if dataset == cc.CUE_CONFLICT:
+                    row.update(shape_texture_fractions(frame))
+                    per_category[subj] = category_shape_bias(frame)
+                else:
+                    row[f"{dataset}_accuracy"] = accuracy(frame)
+            row["eval_s"] = time.perf_counter() - tick
+            rows.append(row)
+    return rows, per_category
 
-    if args.weights is None:
-        warn_meaningless(f"--model {args.model} has no --weights: it runs on RANDOM initialisation")
-    dense = build_model(args.model, args.weights).eval().to(device)
-    spec = args.positions.split(",") if args.positions else args.preset
-    sparse = sparsify(dense, spec, mode=args.mode).eval() if ks else None
 
+def run(config: ShapeBiasConfig, out: Path, checkpoints: dict | None = None) -> dict:
+    """Build, decode once, evaluate every model and K, write tables and plots into ``out`` (prepared)."""
+    import pandas as pd
+
+    if config.random_models:
+        warn_meaningless(f"{', '.join(config.random_models)} ha{'s' if len(config.random_models) == 1 else 've'} "
+                         "no --weights: random initialisation")
+    models = build_models(config, checkpoints or {})
     timing = {}
     start = time.perf_counter()
-    stimuli = {d: cc.load_stimuli(require_dir(data / d, f"{d} stimuli"), d, per_category) for d in datasets}
+    stimuli = {d: cc.load_stimuli(config.data / d, d, config.per_category, skip_bad_images=config.skip_bad_images)
+               for d in config.datasets}
+    skipped = [path for stim in stimuli.values() for path in stim.skipped]
+    if skipped:
+        print(f"--skip-bad-images: left out {len(skipped)} undecodable images: {skipped}", file=sys.stderr)
     timing["decode_s"] = time.perf_counter() - start
-
-    runs = [(sweep_name(args.model, None), None, dense)] + [(sweep_name(args.model, k), k, sparse) for k in ks]
-    rows, per_category_bias = [], {}
-    for subj, k, model in runs:
-        if k is not None:
-            set_k(model, k)
-        row = {"run": subj, "k": k}
-        tick = time.perf_counter()
-        for name, stim in stimuli.items():
-            frame = cc.responses_frame(cc.evaluate(model, stim, args.batch_size, device, f"{subj} {name}"), stim, subj)
-            cc.write_responses(frame, out / "responses", name)
-            if name == "cue-conflict":
-                row.update(shape_texture_fractions(frame))
-                per_category_bias[subj] = category_shape_bias(frame)
-            else:
-                row[f"{name}_accuracy"] = accuracy(frame)
-        row["eval_s"] = time.perf_counter() - tick
-        rows.append(row)
+    rows, per_category_bias = evaluate_all(config, models, stimuli, out)
     timing["total_s"] = time.perf_counter() - start
     summary = pd.DataFrame(rows)
-    summary.to_csv(out / "summary.csv", index=False)
+    write_csv(out / "summary.csv", summary)
 
-    humans_dir = args.humans / "cue-conflict"
-    humans = summarize(humans_dir).reset_index() if humans_dir.is_dir() else pd.DataFrame()
-    if humans_dir.is_dir():
-        per_category_bias["humans"] = category_shape_bias(humans_dir)
-    per_category_table = pd.DataFrame(per_category_bias)
-    per_category_table.to_csv(out / "per_category.csv", index_label="category")
-    arch = PAPER_RUNS.get(args.model)
-    paper = paper_runs(args.paper / "cue-conflict", arch)
+    humans = pd.DataFrame()
+    if config.humans is not None:
+        trials = conflict_trials(config.humans / cc.CUE_CONFLICT)  # read and checked once, naming a bad file
+        humans = summarize(trials).reset_index()
+        per_category_bias["humans"] = category_shape_bias(trials)
+    per_category = pd.DataFrame(per_category_bias).rename_axis("category")
+    write_csv(out / "per_category.csv", per_category.reset_index())
+    paper = paper_runs(config.paper)
 
-    label = args.model if args.weights else f"{args.model} (random init)"
-    plot_bias_vs_k(summary, ks, humans, paper, label, out)
-    plot_per_category(per_category_table, label, out)
-    plot_bias_vs_accuracy(summary, humans, paper, label, out)
-
+    plots = [*plot_bias_vs_k(summary, config, humans, paper, out), *plot_frontier(summary, config, humans, paper, out),
+             *plot_per_category(per_category, summary, config, out)]
     result = {
-        "model": args.model, "weights": args.weights or "random init (meaningless)",
-        "placement": spec, "mode": args.mode, "device": str(device), "images": {d: len(s) for d, s in stimuli.items()},
-        "timing": timing, "runs": summary.astype(object).where(summary.notna(), None).to_dict(orient="records"),
+        "config": config, "random_weights": config.random_models, "meaningless": bool(config.random_models),
+        "images": {d: len(s) for d, s in stimuli.items()}, "skipped_images": skipped, "timing": timing,
+        "runs": summary.astype(object).where(summary.notna(), None).to_dict(orient="records"),
         "humans_shape_bias": ({"min": humans["shape_bias"].min(), "mean": humans["shape_bias"].mean(),
                                "max": humans["shape_bias"].max()} if len(humans) else None),
-        "paper_shape_bias": {k: shape_texture_fractions(df)["shape_bias"] for k, df in paper.items()},
-        "argv": sys.argv if argv is None else list(argv),
+        "paper_shape_bias": {arch: {k: s["shape_bias"] for k, s in runs.items()} for arch, runs in paper.items()},
+        "plots": [p.name for p in plots],
     }
     write_json(out / "summary.json", result)
     print(summary[["run", "shape_bias", "shape_or_texture", "eval_s"]].to_string(index=False))
     print(f"decode {timing['decode_s']:.1f}s, total {timing['total_s']:.1f}s; wrote {out}")
+    if config.random_models:
+        warn_meaningless(f"random weights: {', '.join(config.random_models)}")
     return result
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = apply_smoke(parser.parse_args(argv), parser, **SMOKE)
+    config = make_config(args, parser)
+    checkpoints = read_checkpoints(config.weights)
+    out = prepare_out(args.out, overwrite=args.overwrite)
+    save_config(out, config)
+    return run(config, out, checkpoints)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
-"""What the texture-synthesis and reconstruction recipes share: a VGG feature extractor with named
-read-out taps, its weights, image I/O, Gram matrices, the image optimiser and the figures.
+"""What the texture-synthesis and reconstruction recipes share: their run configuration, a VGG feature
+extractor with named read-out taps, its weights, the input images, Gram matrices, the image optimiser
+and the figures.
 
 Top-K is never computed here: the recipes ``sparsify`` the extractor's taps (``taps.<layer>``), so every
 mask is the core's op. A tap reads a layer's activation without changing what flows on to deeper layers,
@@ -8,25 +9,32 @@ so each layer's mask acts on that layer's true response.
 from __future__ import annotations
 
 import argparse
-import csv
+import dataclasses
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torchvision
-from PIL import Image
 from torch import nn
+from torchvision.transforms import functional as TF
 from tqdm import tqdm
 
-from topk_plugin.integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD
-from topk_plugin.recipes._common import image_files, require_dir, resolve_device, seed_everything, warn_meaningless
 from topk_plugin import sparsify, topk_layers
+from topk_plugin.checkpoints import CheckpointError, load_checkpoint
+from topk_plugin.integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD
+from topk_plugin.ops import check_k
+from topk_plugin.recipes._common import (apply_smoke, image_files, parse_k, positive_int, pyplot, read_image,
+                                         require_dir, resolve_device, save_figure, seed_everything,
+                                         warn_meaningless)
 
 # Convolutions per block; torchvision's ``features`` is conv, ReLU per conv and a max-pool per block.
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 CFGS = {"vgg16": "D", "vgg19": "E"}  # torchvision.models.vgg.cfgs keys
 RANDOM_NOTE = "RANDOM WEIGHTS - MEANINGLESS"
+#: what ``--smoke`` sets (options given on the command line win): seconds on a CPU
+SMOKE = {"size": 64, "steps": 2, "lbfgs_iters": 2, "images": 1}
 
 
 def _layer_table(blocks: tuple[int, ...]) -> dict[str, int]:
@@ -45,14 +53,119 @@ def _layer_table(blocks: tuple[int, ...]) -> dict[str, int]:
 LAYERS: dict[str, dict[str, int]] = {arch: _layer_table(blocks) for arch, blocks in BLOCKS.items()}
 
 
-def check_layers(arch: str, layers: list[str]) -> list[str]:
-    unknown = [name for name in layers if name not in LAYERS[arch]]
+def check_arch(arch: str) -> str:
+    if arch not in BLOCKS:
+        raise ValueError(f"arch={arch!r} is not supported; choose one of {list(BLOCKS)}")
+    return arch
+
+
+def check_layers(arch: str, layers: Sequence[str]) -> list[str]:
+    layers = list(layers)
+    unknown = [name for name in layers if name not in LAYERS[check_arch(arch)]]
     if unknown:
         raise ValueError(f"unknown {arch} layer(s) {unknown}; choose from {list(LAYERS[arch])}")
-    if len(set(layers)) != len(layers):
-        raise ValueError(f"layers {layers} name a layer twice")
+    if not layers or len(set(layers)) != len(layers):
+        raise ValueError(f"layers {layers} must name at least one layer, each once")
     return layers
 
+
+def min_size(arch: str, layers: Sequence[str]) -> int:
+    """Smallest image side for which every pooling up to the deepest of ``layers`` has an output."""
+    deepest = max(LAYERS[arch][name] for name in layers)
+    return 2 ** sum(1 for name, i in LAYERS[arch].items() if name.startswith("pool") and i <= deepest)
+
+
+# ----------------------------------------------------------------------------- configuration
+
+@dataclass(frozen=True)
+class VGGRunConfig:
+    """One run of an image-optimisation recipe on VGG features; invalid values raise ``ValueError``.
+
+    ``weights``: a torchvision weights name (``IMAGENET1K_V1``, ``DEFAULT``) or a state_dict file;
+    exactly one of ``weights`` and ``random_weights`` (tests and smoke runs: results are meaningless).
+    """
+
+    data: Path
+    out: Path
+    layers: tuple[str, ...]
+    k: float | int
+    steps: int
+    lr: float
+    arch: str = "vgg19"
+    weights: str | None = None
+    random_weights: bool = False
+    lbfgs_iters: int = 20
+    size: int = 224
+    images: int = 3
+    device: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(check_layers(self.arch, self.layers)))
+        check_k(self.k)
+        for name in ("steps", "lbfgs_iters", "size", "images"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r} must be an integer >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr={self.lr!r} must be > 0")
+        if self.size < min_size(self.arch, self.layers):
+            raise ValueError(f"size={self.size} is too small for {self.arch} layer(s) {list(self.layers)}: "
+                             f"their poolings need at least {min_size(self.arch, self.layers)} px")
+        if self.random_weights == (self.weights is not None):
+            names = list(torchvision.models.get_model_weights(self.arch).__members__)
+            raise ValueError(
+                f"{'both' if self.random_weights else 'no'} VGG weights given: pass exactly one of --weights NAME "
+                f"(torchvision's {self.arch} weights {names}, downloaded to / read from torch's cache), "
+                f"--weights PATH (a saved {self.arch} state_dict), or --random-weights (tests and smoke runs; "
+                "results are meaningless)")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace):
+        """The config of parsed command-line options (one option per field); a bad value exits naming it."""
+        try:
+            return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
+        except ValueError as err:
+            raise SystemExit(f"error: {err}") from None
+
+    def asdict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def add_vgg_args(parser: argparse.ArgumentParser, layers: list[str], k: float, steps: int, lr: float) -> None:
+    """The options of ``VGGRunConfig`` that both recipes share (network, weights, layers, optimisation)."""
+    parser.add_argument("--arch", default="vgg19", choices=list(BLOCKS), help="torchvision VGG")
+    parser.add_argument("--weights", default=None,
+                        help="torchvision weights name (IMAGENET1K_V1, DEFAULT: torchvision's download/cache) or a "
+                             "path to a saved VGG state_dict; required unless --random-weights")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="random VGG (tests; implied by --smoke without --weights): outputs marked MEANINGLESS")
+    parser.add_argument("--layers", nargs="+", default=layers, help="VGG layers (relu1_1, pool1, conv3_2, ...)")
+    parser.add_argument("--k", type=parse_k, default=k,
+                        help="Top-K: fraction in (0, 1] of each channel's positions, or an integer count")
+    parser.add_argument("--steps", type=positive_int, default=steps, help="optimiser steps (loss recorded after each)")
+    parser.add_argument("--lbfgs-iters", type=positive_int, default=20, help="L-BFGS iterations per step")
+    parser.add_argument("--lr", type=float, default=lr, help="L-BFGS learning rate (first trial step length)")
+    parser.add_argument("--size", type=positive_int, default=224,
+                        help="image side in pixels (shorter side, centre crop)")
+    parser.add_argument("--images", type=positive_int, default=3, help="how many images of --data (sorted by name)")
+
+
+def parse_config(parser: argparse.ArgumentParser, argv, config_type: type, **smoke) -> tuple:
+    """(config, parsed options): ``--smoke`` applies ``SMOKE`` and ``smoke`` and random weights unless
+    ``--weights`` was given. Every option, the device and the image folder are checked here, before the
+    run touches anything."""
+    args = parser.parse_args(argv)
+    if args.smoke:
+        apply_smoke(args, parser, **SMOKE, **smoke)
+        args.random_weights = args.random_weights or args.weights is None
+    config = config_type.from_args(args)
+    resolve_device(config.device)
+    image_files(require_dir(config.data, "--data image folder"), what="--data image folder")
+    return config, args
+
+
+# ----------------------------------------------------------------------------- network
 
 class VGGTaps(nn.Module):
     """VGG ``features`` (torchvision names ``features.N``) up to the deepest requested layer.
@@ -61,7 +174,7 @@ class VGGTaps(nn.Module):
     through ``taps.<layer>`` (identities: the place where ``sparsify`` puts Top-K).
     """
 
-    def __init__(self, features: nn.Sequential, arch: str, layers: list[str]):
+    def __init__(self, features: nn.Sequential, arch: str, layers: Sequence[str]):
         super().__init__()
         check_layers(arch, layers)
         index = {name: LAYERS[arch][name] for name in layers}
@@ -84,12 +197,12 @@ class VGGTaps(nn.Module):
         return out
 
 
-def tap_positions(layers: list[str]) -> list[str]:
+def tap_positions(layers: Sequence[str]) -> list[str]:
     """``sparsify`` positions of the taps for ``layers``."""
     return [f"taps.{name}" for name in layers]
 
 
-def build_extractor(features: nn.Sequential, arch: str, layers: list[str], k) -> nn.Module:
+def build_extractor(features: nn.Sequential, arch: str, layers: Sequence[str], k) -> nn.Module:
     """``VGGTaps`` frozen, with the core's Top-K (``identity`` mode until ``set_topk_mode``) on every tap."""
     taps = VGGTaps(features, arch, layers).requires_grad_(False)
     return sparsify(taps, tap_positions(layers), k=k, mode="identity").eval()
@@ -103,37 +216,28 @@ def set_topk_mode(extractor: nn.Module, mode: str) -> None:
 
 # ----------------------------------------------------------------------------- weights
 
-def _file_state(path: Path) -> dict[str, torch.Tensor]:
-    """The ``features`` part of a saved VGG state_dict (full model, ``features`` only, or wrapped)."""
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - unpickling errors come in many types
-        raise SystemExit(f"--weights {path}: not a readable state_dict ({type(err).__name__}: {err})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    if not isinstance(state, dict):
-        raise SystemExit(f"--weights {path} holds a {type(state).__name__}, not a state_dict")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    if any(k.startswith("features.") for k in state):
-        state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
-    return state
+def _features_key(key: str) -> str | None:
+    """A whole VGG's ``features.0.weight`` as ``features``' own ``0.weight``; its classifier is not used here."""
+    return None if key.startswith("classifier.") else key.removeprefix("features.")
 
 
 def _torchvision_state(weights) -> dict[str, torch.Tensor]:
-    """The ``features`` part of torchvision ``weights``, by torchvision's own loading (hub cache or download)."""
+    """torchvision ``weights``' state_dict, by torchvision's own loading (hub cache or download)."""
     try:
-        state = weights.get_state_dict(progress=True)
+        return weights.get_state_dict(progress=True)
     except Exception as err:  # noqa: BLE001 - no network, no cache: say how to provide them instead
         raise SystemExit(f"could not load torchvision weights {weights} ({type(err).__name__}: {err}). "
                          f"Put {weights.url.rsplit('/', 1)[-1]} in torch's hub cache "
                          f"({torch.hub.get_dir()}/checkpoints), or pass --weights PATH to a saved VGG "
                          "state_dict") from None
-    return {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
 
 
 def _features(arch: str) -> nn.Sequential:
-    """torchvision's ``<arch>().features`` with its VGG initialisation, without building the 100M-weight classifier."""
+    """torchvision's ``<arch>().features`` with its VGG initialisation.
+
+    Built alone rather than by the model factory: the 100M-weight classifier that a whole VGG would
+    initialise is never used here.
+    """
     features = torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[CFGS[arch]])
     for module in features:
         if isinstance(module, nn.Conv2d):
@@ -142,83 +246,59 @@ def _features(arch: str) -> nn.Sequential:
     return features
 
 
-def load_features(arch: str, weights: str | None, random_weights: bool) -> tuple[nn.Sequential, str]:
-    """torchvision ``<arch>().features`` with ``weights`` (a torchvision weights name or a file), and its source."""
-    if arch not in BLOCKS:
-        raise ValueError(f"arch={arch!r} is not supported; choose one of {list(BLOCKS)}")
+def load_features(arch: str, weights: str | None) -> tuple[nn.Sequential, str]:
+    """torchvision ``<arch>().features`` and its source: ``weights`` a torchvision weights name or a file,
+    ``None`` for random weights (source ``"random"``)."""
+    features = _features(check_arch(arch))
+    if weights is None:
+        return features, "random"
     enum = torchvision.models.get_model_weights(arch)
     names = list(enum.__members__)
-    if random_weights == (weights is not None):
-        raise SystemExit(
-            f"{'both' if random_weights else 'no'} VGG weights given: pass exactly one of --weights NAME "
-            f"(torchvision's {arch} weights {names}, downloaded to / read from torch's cache), --weights PATH "
-            f"(a saved {arch} state_dict), or --random-weights (tests and smoke runs; results are meaningless)")
-    features = _features(arch)
-    if random_weights:
-        return features, "random"
     if Path(weights).is_file():
-        state, source = _file_state(Path(weights)), str(Path(weights).resolve())
+        state, source = weights, str(Path(weights).resolve())
     elif weights.split(".")[-1] in names:
         chosen = enum[weights.split(".")[-1]]
         state, source = _torchvision_state(chosen), f"torchvision:{chosen}"
     else:
         raise SystemExit(f"--weights {weights!r} is neither a file nor a torchvision {arch} weights name {names}")
-    try:
-        features.load_state_dict(state)
-    except RuntimeError as err:
+    try:  # the core loader: any container layout, DataParallel names, shifted Sequential indices
+        load_checkpoint(features, state, key_map=_features_key)
+    except CheckpointError as err:
         raise SystemExit(f"--weights {weights!r} does not fit torchvision {arch}.features: {err}") from None
     return features, source
 
 
-def add_vgg_args(parser: argparse.ArgumentParser, layers: list[str], k: float, steps: int, lr: float) -> None:
-    """The options both recipes share (network, weights, layers, optimisation)."""
-    parser.add_argument("--arch", default="vgg19", choices=list(BLOCKS), help="torchvision VGG")
-    parser.add_argument("--weights", default=None,
-                        help="torchvision weights name (IMAGENET1K_V1, DEFAULT: torchvision's download/cache) or a "
-                             "path to a saved VGG state_dict; required unless --random-weights")
-    parser.add_argument("--random-weights", action="store_true",
-                        help="random VGG (tests; implied by --smoke without --weights): outputs marked MEANINGLESS")
-    parser.add_argument("--layers", nargs="+", default=layers, help="VGG layers (relu1_1, pool1, conv3_2, ...)")
-    parser.add_argument("--k", type=float, default=k, help="Top-K: fraction in (0, 1] of each channel's positions")
-    parser.add_argument("--steps", type=int, default=steps, help="optimiser steps (loss recorded after each)")
-    parser.add_argument("--lbfgs-iters", type=int, default=20, help="L-BFGS iterations per step")
-    parser.add_argument("--lr", type=float, default=lr, help="L-BFGS learning rate (first trial step length)")
-    parser.add_argument("--size", type=int, default=224, help="image side in pixels (shorter side, centre crop)")
-    parser.add_argument("--images", type=int, default=3, help="how many images of --data (sorted by name)")
+# ----------------------------------------------------------------------------- run inputs
+
+@dataclass
+class RunInputs:
+    device: torch.device
+    paths: list[Path]
+    targets: list[torch.Tensor]  # (1, 3, size, size) in [0, 1], on ``device``
+    features: nn.Sequential
+    source: str  # "random", a file, or "torchvision:<weights>"
+
+    @property
+    def meaningless(self) -> bool:
+        return self.source == "random"
 
 
-def prepare_run(args: argparse.Namespace, what: str) -> tuple[torch.device, list[Path], nn.Sequential, str]:
-    """Seed, device, input images and VGG features of a run (``source`` is "random" for random weights)."""
-    seed_everything(args.seed)
-    device = resolve_device(args.device)
-    paths = list_images(require_dir(args.data, "image folder"), args.images)
-    features, source = load_features(args.arch, args.weights, args.random_weights)
+def prepare_run(config: VGGRunConfig, what: str) -> RunInputs:
+    """Seed, device, every input image decoded (an unreadable one exits naming it) and the VGG features."""
+    seed_everything(config.seed)
+    device = resolve_device(config.device)
+    paths = image_files(require_dir(config.data, "image folder"), what="image folder")[:config.images]
+    targets = [square_image(path, config.size).to(device) for path in paths]
+    features, source = load_features(config.arch, None if config.random_weights else config.weights)
     if source == "random":
         warn_meaningless(f"{what} with a randomly initialised VGG")
-    return device, paths, features, source
+    return RunInputs(device, paths, targets, features, source)
 
 
-def apply_smoke(args: argparse.Namespace) -> None:
-    """Seconds-long CPU settings; random weights unless weights were given."""
-    args.size, args.steps, args.lbfgs_iters, args.images = 64, 2, 2, 1
-    args.random_weights = args.random_weights or args.weights is None
-
-
-# ----------------------------------------------------------------------------- images
-
-def list_images(folder: Path, count: int) -> list[Path]:
-    paths = image_files(folder, what="image folder")
-    if count < 1:
-        raise SystemExit(f"--images {count}: need at least 1")
-    return paths[:count]
-
-
-def load_image(path: Path, size: int) -> torch.Tensor:
+def square_image(path: Path, size: int) -> torch.Tensor:
     """(1, 3, size, size) RGB in [0, 1]: shorter side resized to ``size``, centre crop."""
-    image = Image.open(path).convert("RGB")
-    image = torchvision.transforms.functional.resize(image, size)
-    image = torchvision.transforms.functional.center_crop(image, size)
-    return torchvision.transforms.functional.to_tensor(image).unsqueeze(0)
+    image = TF.center_crop(TF.resize(read_image(path), size), size)
+    return TF.to_tensor(image).unsqueeze(0)
 
 
 def gram(features: torch.Tensor) -> torch.Tensor:
@@ -265,32 +345,16 @@ def loss_rows(label: str, condition: str, losses: list[float], **extra) -> list[
             for step, loss in enumerate(losses)]
 
 
-def write_csv(path: Path, rows: list[dict]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return path
-
-
 # ----------------------------------------------------------------------------- figures
 
 def _wrap(text: str, width: int) -> str:
     return "\n".join(textwrap.fill(line, width) for line in text.splitlines())
 
 
-def _pyplot():
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
-
-
-def save_image_grid(path: Path, rows: list[list[torch.Tensor]], columns: list[str], row_labels: list[str],
-                    title: str) -> Path:
-    """Images (1, 3, H, W) in a grid at about their own resolution, with column and row labels."""
-    plt = _pyplot()
+def save_image_grid(stem: Path, rows: list[list[torch.Tensor]], columns: list[str], row_labels: list[str],
+                    title: str) -> list[Path]:
+    """Images (1, 3, H, W) in a grid at about their own resolution, with column and row labels: stem.png/.pdf."""
+    plt = pyplot()
     side = max(2.0, rows[0][0].shape[-1] / 100)
     fig, axes = plt.subplots(len(rows), len(columns), figsize=(side * len(columns), side * len(rows) + 0.8),
                              squeeze=False, layout="constrained")
@@ -305,15 +369,12 @@ def save_image_grid(path: Path, rows: list[list[torch.Tensor]], columns: list[st
             if c == 0:
                 ax.set_ylabel(label, fontsize=7)
     fig.suptitle(_wrap(title, 30 * len(columns)), fontsize=8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, stem)
 
 
-def plot_loss_curves(path: Path, rows: list[dict], conditions: dict[str, str], title: str) -> Path:
-    """One panel per condition (log loss vs step), one line per run (``label`` of each row)."""
-    plt = _pyplot()
+def plot_loss_curves(stem: Path, rows: list[dict], conditions: dict[str, str], title: str) -> list[Path]:
+    """One panel per condition (log loss vs step), one line per run (``label`` of each row): stem.png/.pdf."""
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(conditions), figsize=(4 * len(conditions), 3.4), squeeze=False,
                              layout="constrained")
     for ax, (condition, caption) in zip(axes[0], conditions.items()):
@@ -330,7 +391,4 @@ def plot_loss_curves(path: Path, rows: list[dict], conditions: dict[str, str], t
         ax.legend(fontsize=6)
     axes[0][0].set_ylabel("loss")
     fig.suptitle(_wrap(title, 45 * len(conditions)), fontsize=9)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, stem)

@@ -1,4 +1,4 @@
-"""topk_plugin.recipes.fastgan: train / resume / sample / eval / sweep at smoke size, through the real torch-fidelity path."""
+"""topk_plugin.recipes.fastgan: train / resume / rollback / sample / eval / sweep at smoke size, real torch-fidelity."""
 import json
 import math
 
@@ -6,9 +6,9 @@ import pandas as pd
 import pytest
 import torch
 
+from topk_plugin import keep_count
 from topk_plugin.integrations.fidelity import write_random_inception_weights
 from topk_plugin.recipes import fastgan
-from topk_plugin import keep_count
 
 
 @pytest.fixture(autouse=True)
@@ -27,30 +27,49 @@ def inception(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def topk_run(tmp_path_factory, inception, shared_data):
+def jeep(shared_data):
+    return shared_data / "few-shot" / "jeep"
+
+
+@pytest.fixture(scope="module")
+def topk_run(tmp_path_factory, inception, jeep):
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("fastgan") / "topk"
-    data = shared_data / "few-shot" / "jeep"
-    summary = fastgan.main(["train", "--smoke", "--data", str(data), "--out", str(out), "--topk", "paper",
-                            "--inception-weights", str(inception)])
-    return out, data, summary
+    summary = fastgan.main(["train", "--smoke", "--data", str(jeep), "--out", str(out), "--topk", "paper",
+                            "--eval-every", "6", "--inception-weights", str(inception)])
+    return out, summary
 
 
-def test_smoke_train_writes_every_output(topk_run):
-    out, _, summary = topk_run
-    assert summary["iterations"] == 50 and summary["topk"] == "Top-K feat_32 k=0.05 (topk)"
+def _train(out, data, *extra):
+    return fastgan.main(["train", "--smoke", "--no-metrics", "--data", str(data), "--out", str(out), *extra])
+
+
+def test_smoke_train_writes_every_output_with_the_paper_defaults(topk_run):
+    out, summary = topk_run
+    assert summary["iterations"] == 6 and summary["topk"] == "Top-K feat_32 k=0.05 (topk)"
     assert summary["reconstruction_loss"].startswith("L1 (fallback")
-    assert len(summary["history"]) == 1 and math.isfinite(summary["best"]["fid"])
-    for name in ("fid_kid.png", "topk_maps.png", "metrics.csv", "best.pt", "last.pt", "grids/iter_000050.png"):
+    assert summary["metrics"] == "FID/KID (torch-fidelity, paper protocol)"
+    (row,) = summary["history"]
+    assert len(row["fid_repeats"]) == 3 and row["fid"] == min(row["fid_repeats"])  # the fork: best of 3 draws
+    assert math.isfinite(summary["best"]["fid"])
+    config = json.loads((out / "config.json").read_text())
+    assert (config["noise"], config["se_gate"], config["output"], config["policy"], config["resize"]) == (
+        False, "none", "fastgan", "color,translation", "stretch")
+    for name in ("fid_kid.png", "fid_kid.pdf", "topk_maps.png", "topk_maps.pdf", "metrics.csv", "best.pt", "last.pt",
+                 "grids/iter_000006.png", "run.json"):
         assert (out / name).is_file(), name
     assert json.loads((out / "results.json").read_text())["best"] == summary["best"]
     assert pd.read_csv(out / "metrics.csv")["fid"].iloc[0] == pytest.approx(summary["best"]["fid"])
+    ckpt = torch.load(out / "best.pt", weights_only=True)
+    assert ckpt["generator"] == {"size": 64, "ngf": 8, "nz": 32, "noise": False, "se_gate": "none",
+                                 "output": "fastgan"}
+    assert ckpt["topk"] == {"topk": "paper", "k": None}
 
 
 def test_topk_maps_are_the_layer_masks_over_checkpoints(topk_run):
     out = topk_run[0]
     maps = sorted((out / "topk_maps").glob("iter_*.pt"))
-    assert [p.stem for p in maps] == ["iter_000000", "iter_000050"]
+    assert [p.stem for p in maps] == ["iter_000000", "iter_000006"]
     entry = torch.load(maps[-1])
     masks = entry["masks"]
     assert masks.dtype == torch.bool and masks.shape[-2:] == (32, 32)
@@ -58,59 +77,132 @@ def test_topk_maps_are_the_layer_masks_over_checkpoints(topk_run):
     assert entry["images"].dtype == torch.uint8 and entry["images"].shape[-1] == 64
 
 
-def test_resume_continues_the_history(tmp_path, topk_run, inception):
-    out, data, _ = topk_run
-    resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    (resumed / "last.pt").write_bytes((out / "last.pt").read_bytes())
-    summary = fastgan.main(["train", "--smoke", "--data", str(data), "--out", str(resumed), "--topk", "paper",
-                            "--inception-weights", str(inception), "--iters", "55", "--eval-every", "5",
-                            "--resume"])
-    assert summary["iterations"] == 55
-    assert [h["iteration"] for h in summary["history"]] == [50, 55]
+def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path, jeep):
+    out = tmp_path / "run"
+    _train(out, jeep, "--topk", "paper", "--iters", "4", "--eval-every", "2")
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["iter_000002.png", "iter_000004.png"]
+    with pytest.raises(SystemExit, match="already holds an earlier run.*--resume.*--overwrite"):
+        _train(out, jeep, "--iters", "2")
+    _train(out, jeep, "--iters", "3", "--overwrite")
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["iter_000003.png"]  # the old grids are gone
+    assert json.loads((out / "config.json").read_text())["topk"] == "none"
+    with pytest.raises(SystemExit, match="is a file"):
+        _train(out / "metrics.csv", jeep)
 
 
-def test_sample_and_eval_from_the_best_checkpoint(tmp_path, topk_run, inception):
-    out, data, _ = topk_run
-    fastgan.main(["sample", "--smoke", "--out", str(out), "--n", "5"])
-    samples = sorted((out / "samples").glob("*.png"))
-    assert len(samples) == 5 and (out / "samples.png").is_file()
-    result = fastgan.main(["eval", "--smoke", "--data", str(data), "--out", str(tmp_path / "eval"),
-                           "--samples", str(out / "samples"), "--inception-weights", str(inception)])
-    assert result["num_generated"] == 5 and result["num_real"] == 8 and math.isfinite(result["fid"])
-    from_ckpt = fastgan.main(["eval", "--smoke", "--data", str(data), "--out", str(tmp_path / "eval"),
-                              "--ckpt", str(out / "best.pt"), "--inception-weights", str(inception)])
-    assert from_ckpt["num_generated"] == 8 and math.isfinite(from_ckpt["fid"])
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, jeep, monkeypatch):
+    args = ("--topk", "paper", "--iters", "5", "--eval-every", "2")
+    whole = _train(tmp_path / "whole", jeep, *args)
+    real_update = fastgan.update_ema
+    calls = []
+
+    def killed_after_three(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:  # during iteration 4: the last checkpoint is from iteration 2
+            raise KeyboardInterrupt
+        real_update(*a, **k)
+
+    monkeypatch.setattr(fastgan, "update_ema", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path / "cut", jeep, *args)
+    monkeypatch.setattr(fastgan, "update_ema", real_update)
+    resumed = _train(tmp_path / "cut", jeep, *args, "--resume")
+    assert resumed["iterations"] == whole["iterations"] == 5
+    assert [h["iteration"] for h in resumed["history"]] == [2, 4, 5]
+    for name in ("g", "g_ema", "d"):
+        ours, theirs = (torch.load(p / "last.pt", weights_only=True)[name] for p in (tmp_path / "cut", tmp_path / "whole"))
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs), name
+    maps = [torch.load(p / "topk_maps" / "iter_000005.pt") for p in (tmp_path / "cut", tmp_path / "whole")]
+    assert torch.equal(maps[0]["images"], maps[1]["images"])
 
 
-def test_missing_inception_weights_stop_before_training(tmp_path, monkeypatch, shared_data):
+def test_resume_refuses_a_conflicting_option_and_a_truncated_checkpoint(tmp_path, jeep):
+    out = tmp_path / "run"
+    _train(out, jeep, "--topk", "paper", "--iters", "2", "--eval-every", "2")
+    with pytest.raises(SystemExit, match=r"k: the run has None, this command gives 0\.5"):
+        _train(out, jeep, "--topk", "paper", "--k", "0.5", "--resume")
+    with pytest.raises(SystemExit, match="se_gate: the run has 'none', this command gives 'sigmoid'"):
+        _train(out, jeep, "--se-gate", "sigmoid", "--resume")
+    data = (out / "last.pt").read_bytes()
+    (out / "last.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SystemExit, match=r"last\.pt.*truncated"):
+        _train(out, jeep, "--iters", "3", "--resume")
+
+
+def test_rollback_returns_to_the_best_checkpoint(tmp_path, jeep, monkeypatch, inception):
+    fids = iter([5.0, 6.0, 7.0, 4.0, 8.0, 9.0])
+
+    def scripted(*args, **kwargs):
+        fid = next(fids)
+        return {"fid": fid, "kid": fid / 100, "kid_std": 0.0, "fid_repeats": [fid]}
+
+    monkeypatch.setattr(fastgan, "fid_kid", scripted)
+    summary = fastgan.main(["train", "--smoke", "--data", str(jeep), "--out", str(tmp_path / "run"),
+                            "--inception-weights", str(inception), "--iters", "6", "--eval-every", "2",
+                            "--rollback-patience", "2", "--max-rollbacks", "1"])
+    history = summary["history"]
+    # evals at 2 (best), 4, 6 (2 bad: back to 2), then 4 (new best), 6, and no second rollback
+    assert [h["iteration"] for h in history] == [2, 4, 6, 4, 6]
+    assert history[2]["rollback_to"] == 2 and summary["rollbacks"] == 1
+    assert summary["best"]["fid"] == 4.0 and summary["iterations_run"] == 10
+
+
+def test_bad_inputs_stop_before_any_work(tmp_path, jeep, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(torch.hub, "download_url_to_file", _offline)
     out = tmp_path / "run"
     with pytest.raises(SystemExit, match="--inception-weights FILE.*--no-metrics"):
-        fastgan.main(["train", "--smoke", "--data", str(shared_data / "few-shot" / "table"), "--out", str(out)])
-    assert not (out / "grids").exists() and not (out / "last.pt").exists()
-
-
-def test_bad_topk_spec_is_named(tmp_path, shared_data):
+        fastgan.main(["train", "--smoke", "--data", str(jeep), "--out", str(out)])
     with pytest.raises(SystemExit, match="'feat_33'.*closest names"):
-        fastgan.main(["train", "--smoke", "--no-metrics", "--topk", "feat_33", "--data",
-                      str(shared_data / "few-shot" / "fish"), "--out", str(tmp_path)])
+        _train(out, jeep, "--topk", "feat_33")
+    with pytest.raises(SystemExit, match="--k '1.5'"):
+        _train(out, jeep, "--k", "1.5")
+    with pytest.raises(SystemExit, match="--device 'cuda:7'"):
+        _train(out, jeep, "--device", "cuda:7")
+    assert not out.exists()
+    bad = tmp_path / "images"
+    bad.mkdir()
+    for name in ("a.png", "b.png", "c.png"):
+        (bad / name).write_bytes((jeep / sorted(p.name for p in jeep.iterdir())[0]).read_bytes())
+    (bad / "b.png").write_bytes((bad / "b.png").read_bytes()[:300])
+    with pytest.raises(SystemExit, match=r"cannot read image .*b\.png"):
+        _train(out, bad)
+    assert not out.exists()
+    summary = _train(out, bad, "--skip-bad-images", "--iters", "1")
+    assert summary["images"] == 2
 
 
-def test_sweep_table_and_json_spec(tmp_path, inception, shared_data):
+def test_sample_and_eval_from_the_run(tmp_path, topk_run, inception, jeep):
+    out = topk_run[0]
+    fastgan.main(["sample", "--smoke", "--ckpt", str(out), "--out", str(tmp_path / "samples"), "--n", "5"])
+    samples = sorted((tmp_path / "samples" / "samples").glob("*.png"))
+    assert len(samples) == 5 and (tmp_path / "samples" / "samples.png").is_file()
+    with pytest.raises(SystemExit, match="--k: the checkpoint has None, this command gives 0.2"):
+        fastgan.main(["sample", "--smoke", "--ckpt", str(out), "--out", str(tmp_path / "other"), "--k", "0.2"])
+    result = fastgan.main(["eval", "--smoke", "--data", str(jeep), "--out", str(tmp_path / "eval"),
+                           "--samples", str(tmp_path / "samples" / "samples"), "--inception-weights", str(inception)])
+    assert result["num_generated"] == 5 and result["num_real"] == 8 and result["protocol"] == "paper"
+    assert math.isfinite(result["fid"]) and len(result["fid_repeats"]) == 1  # a fixed set is scored once
+    from_ckpt = fastgan.main(["eval", "--smoke", "--data", str(jeep), "--out", str(tmp_path / "eval2"),
+                              "--ckpt", str(out / "best.pt"), "--inception-weights", str(inception),
+                              "--fid-protocol", "standard"])
+    assert from_ckpt["num_generated"] == 8 and from_ckpt["protocol"] == "standard" and math.isfinite(from_ckpt["fid"])
+
+
+def test_sweep_table_and_resume_reuses_finished_runs(tmp_path, jeep):
     out = tmp_path / "sweep"
     spec = json.dumps({"positions": ["feat_32"], "k": 0.1, "mode": "topk"})
-    table = fastgan.main(["sweep", "--smoke", "--data", str(shared_data / "few-shot" / "railway"), "--out", str(out),
-                          "--iters", "3", "--eval-every", "3", "--ks", "0.05,0.5", "--topk", spec,
-                          "--inception-weights", str(inception)])
-    assert list(table["method"]) == ["dense", "topk_0.05", "topk_0.5"]
-    assert table["fid"].notna().all() and (table["it_per_s"] > 0).all()
+    argv = ["sweep", "--smoke", "--no-metrics", "--data", str(jeep), "--out", str(out), "--iters", "2",
+            "--eval-every", "2", "--ks", "0.05,0.5", "--topk", spec]
+    rows = fastgan.main(argv)
+    assert [r["method"] for r in rows] == ["dense", "topk_0.05", "topk_0.5"]
+    assert all(r["fid"] is None and r["it_per_s"] > 0 for r in rows)
     ran = json.loads((out / "topk_0.5" / "seed0" / "results.json").read_text())
-    assert ran["topk"] == "Top-K feat_32 k=0.5 (topk)" and ran["iterations"] == 3
+    assert ran["topk"] == "Top-K feat_32 k=0.5 (topk)" and ran["iterations"] == 2
     text = (out / "sweep.md").read_text()
-    assert "| FastGAN |" in text and "| FastGAN + Top-K 5% |" in text and "| FastGAN + Top-K 50% |" in text
-    assert (out / "sweep.png").is_file() and (out / "sweep.csv").is_file()
-    again = fastgan.main(["sweep", "--smoke", "--data", str(shared_data / "few-shot" / "railway"), "--out", str(out),
-                          "--iters", "3", "--ks", "0.05,0.5", "--topk", spec, "--no-metrics"])
-    assert again["fid"].tolist() == table["fid"].tolist()  # finished runs are reused, not retrained
+    assert "| FastGAN | not measured |" in text and "| FastGAN + Top-K 50% |" in text
+    stamp = (out / "dense" / "seed0" / "results.json").stat().st_mtime_ns
+    again = fastgan.main(argv + ["--resume"])
+    assert again == rows and (out / "dense" / "seed0" / "results.json").stat().st_mtime_ns == stamp
+    with pytest.raises(SystemExit, match="ks"):
+        fastgan.main(argv[:-4] + ["--ks", "0.2", "--topk", spec, "--resume"])

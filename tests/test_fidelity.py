@@ -110,3 +110,57 @@ def test_weights_resolution_user_file_cache_and_clear_failure(tmp_path, monkeypa
     cached.parent.mkdir(parents=True, exist_ok=True)
     cached.write_bytes(inception_weights.read_bytes())
     assert resolve_inception_weights() == cached
+
+
+# ----------------------------------------------------------------------------- the paper's (fork's) protocol
+
+class BatchNormGenerator(nn.Module):
+    """Images depend on BatchNorm's statistics, so batch statistics and running statistics differ."""
+
+    def __init__(self, nz=4, size=8):
+        super().__init__()
+        self.size = size
+        self.fc = nn.Linear(nz, 3 * size * size)
+        self.norm = nn.BatchNorm1d(3 * size * size)
+
+    def forward(self, z):
+        return torch.tanh(self.norm(self.fc(z))).view(-1, 3, self.size, self.size), None
+
+
+def test_fork_range_maps_unit_images_to_127_255_truncated():
+    x = torch.tensor([0.0, 0.25, 0.5, 0.999, 1.0, 1.5]).view(1, 1, 2, 3)
+    assert fidelity.fork_uint8(x).flatten().tolist() == [127, 159, 191, 254, 255, 255]
+
+
+def test_fork_samples_use_batch_statistics_and_leave_the_generator_alone():
+    torch.manual_seed(0)
+    generator = BatchNormGenerator().eval()
+    before = {k: v.clone() for k, v in generator.state_dict().items()}
+    images = fidelity.fork_samples(generator, 4, 10, 4, None, torch.device("cpu"), seed=3)
+    assert images.shape == (8, 3, 8, 8) and images.dtype == torch.uint8  # 10 // 4 batches of 4
+    assert images.min() >= 127
+    assert not generator.training and all(torch.equal(v, before[k]) for k, v in generator.state_dict().items())
+    rng = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        by_batch = [generator.train()(torch.randn(4, 4, generator=rng))[0] for _ in range(2)]
+        generator.eval()
+    expected = fidelity.fork_uint8((torch.cat(by_batch) + 1) / 2)
+    assert torch.equal(images, expected)
+    running = fidelity.draw_images(generator, 4, 8, 4, torch.device("cpu"), 3, batch_statistics=False)
+    assert not torch.equal(fidelity.fork_uint8((running + 1) / 2), images)
+
+
+def test_paper_protocol_keeps_the_best_of_three_draws(inception_weights):
+    generator, real = BatchNormGenerator(size=16), _images(6, 5, size=16)
+    paper = fid_kid(generator, real, weights_path=inception_weights, nz=4, num_samples=6, batch_size=2,
+                    features="64", protocol="paper")
+    assert paper["protocol"] == "paper" and len(paper["fid_repeats"]) == 3
+    assert paper["fid"] == min(paper["fid_repeats"]) and len(set(paper["fid_repeats"])) == 3
+    standard = fid_kid(generator, real, weights_path=inception_weights, nz=4, num_samples=6, features="64")
+    assert len(standard["fid_repeats"]) == 1 and standard["fid"] != pytest.approx(paper["fid"])
+    fixed = fid_kid(_images(6, 6, size=16), real, weights_path=inception_weights, features="64", protocol="paper")
+    assert len(fixed["fid_repeats"]) == 1  # a fixed set scores the same every time
+    with pytest.raises(ValueError, match="paper protocol .* not a folder"):
+        fid_kid("/tmp", real, weights_path=inception_weights, protocol="paper")
+    with pytest.raises(ValueError, match="protocol='fork'"):
+        fid_kid(real, real, weights_path=inception_weights, protocol="fork")

@@ -4,6 +4,8 @@ import sys
 
 import pytest
 import torchvision
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from topk_plugin.integrations import modelvshuman as mvh
 from topk_plugin import is_sparsified, topk_layers
@@ -73,3 +75,25 @@ def test_registration_in_the_real_benchmark():
     assert {layer.k for layer in topk_layers(wrapped.model).values()} == {0.3}
     mvh.register_sweep("alexnet", _alexnet, "paper", ks=[0.1])  # again: no duplicate registry entries
     assert list_models("pytorch").count("alexnet_topk10") == 1
+
+
+def test_link_datasets_without_home_or_env_refuses_and_writes_nothing(shared_data, tmp_path, monkeypatch):
+    monkeypatch.delenv("MODELVSHUMANDIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="MODELVSHUMANDIR is not set"):
+        mvh.link_datasets(shared_data / "texture-shape")
+    with pytest.raises(ValueError, match="home= is empty"):
+        mvh.link_datasets(shared_data / "texture-shape", "")
+    assert list(tmp_path.iterdir()) == []
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(min_value=1e-9, max_value=1.0), st.floats(min_value=1e-9, max_value=1.0))
+def test_sweep_names_are_injective(a, b):
+    assert (mvh.sweep_name("m", a) == mvh.sweep_name("m", b)) == (a == b)
+    assert mvh.check_name(mvh.sweep_name("m", a))
+
+
+def test_close_ks_get_different_names():
+    assert mvh.sweep_name("alexnet", 0.1) != mvh.sweep_name("alexnet", 0.1000001)
+    assert mvh.sweep_name("alexnet", 1) != mvh.sweep_name("alexnet", 1.0)

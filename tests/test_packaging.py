@@ -62,3 +62,20 @@ def test_no_generic_top_level_names_are_importable():
     for name in ("integrations", "recipes"):
         probe = subprocess.run([sys.executable, "-c", f"import {name}"], capture_output=True, text=True, cwd="/")
         assert probe.returncode != 0, f"'import {name}' works: a generic name leaked into site-packages"
+
+
+def test_scripts_never_modify_an_environment_they_did_not_create(tmp_path):
+    foreign = tmp_path / "someone-elses-env"
+    (foreign / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls.log"
+    (foreign / "bin" / "python").write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\n")
+    (foreign / "bin" / "python").chmod(0o755)
+    (foreign / "bin" / "activate").write_text("ACTIVATED=yes\n")
+    done = subprocess.run(["bash", "-c", f". {ROOT / 'scripts' / 'env.sh'} && echo $ACTIVATED"],
+                          env={"TOPK_VENV": str(foreign), "PATH": "/usr/bin:/bin"},
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "yes"
+    assert "never modified" in done.stderr
+    assert not calls.exists(), f"env.sh ran the foreign python: {calls.read_text()}"
+    assert sorted(p.name for p in foreign.iterdir()) == ["bin"]

@@ -11,7 +11,7 @@ from topk_plugin import topk, topk_layers, topk_mask
 
 def test_targets_are_the_core_masks_of_the_true_activation():
     torch.manual_seed(0)
-    features, _ = load_features("vgg16", None, True)
+    features, _ = load_features("vgg16", None)
     extractor = build_extractor(features, "vgg16", ["pool2"], 0.1)
     target = torch.rand(1, 3, 40, 40)
     x = VGGTaps(features, "vgg16", ["pool2"])(target)["pool2"]
@@ -26,7 +26,7 @@ def test_targets_are_the_core_masks_of_the_true_activation():
 
 def test_loss_compares_the_unmasked_image_with_the_masked_target():
     torch.manual_seed(0)
-    features, _ = load_features("vgg16", None, True)
+    features, _ = load_features("vgg16", None)
     extractor = build_extractor(features, "vgg16", ["relu2_1"], 0.1)
     target = torch.rand(1, 3, 32, 32)
     x = masked_targets(extractor, target, "identity")["relu2_1"]
@@ -39,14 +39,23 @@ def test_loss_compares_the_unmasked_image_with_the_masked_target():
 
 def test_smoke_descends_on_random_weights_and_writes_marked_outputs(tmp_path):
     summary = main(["--smoke", "--out", str(tmp_path), "--device", "cpu"])
-    assert summary["args"]["random_weights"] and summary["args"]["size"] == 64
+    assert summary["config"]["random_weights"] and summary["config"]["size"] == 64
+    assert summary["config"]["layers"] == ("pool2",)
     assert json.loads((tmp_path / "summary_MEANINGLESS.json").read_text())["meaningless"] is True
     (result,) = summary["reconstructions"]
     for condition in CONDITIONS:
         assert result[condition]["final_loss"] < result[condition]["initial_loss"]
     rows = list(csv.DictReader(open(tmp_path / "losses_MEANINGLESS.csv")))
-    steps = summary["args"]["steps"] + 1
+    steps = summary["config"]["steps"] + 1
     assert [r["condition"] for r in rows] == [c for c in CONDITIONS for _ in range(steps)]
     assert {r["layer"] for r in rows} == {result["layer"]}
-    for name in ("reconstruction_MEANINGLESS.png", "losses_MEANINGLESS.png"):
-        assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
+    for name in ("reconstruction_MEANINGLESS", "losses_MEANINGLESS"):
+        assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / f"{name}.pdf").read_bytes()[:4] == b"%PDF"
+
+
+def test_smoke_keeps_the_options_given_on_the_command_line(tmp_path):
+    summary = main(["--smoke", "--out", str(tmp_path), "--device", "cpu", "--layers", "relu1_1", "--size", "32",
+                    "--steps", "1"])
+    assert {k: summary["config"][k] for k in ("layers", "size", "steps", "lbfgs_iters", "images")} == {
+        "layers": ("relu1_1",), "size": 32, "steps": 1, "lbfgs_iters": 2, "images": 1}

@@ -1,15 +1,17 @@
-"""Exact CPU Top-K selection by radix select on float bit patterns (a small C kernel).
+"""Exact CPU Top-K selection on float bit patterns (a small C kernel, the CPU kernel of the registered op).
 
 The magnitude ``|x|`` of an IEEE float, read as an unsigned integer with the sign bit cleared, orders
-exactly like the magnitude itself, so the K-th largest magnitude of a channel is found by an MSB-first
-radix select over 8-bit digits: one histogram pass over the channel, then passes over a shrinking set
-of candidates. A channel with at most K non-zeros needs no selection at all (threshold 0). One final
-pass writes the boolean mask and, optionally, the masked values, following the tie rule of ``ops.py``.
+exactly like the magnitude itself (-0.0 and 0.0 get the same key); every NaN gets one key above the
+infinity's, so NaN ranks largest as in ``torch.topk``. The K-th largest key of a channel is found by an
+MSB-first radix select over 8-bit digits (one histogram pass, then passes over a shrinking set of
+candidates), or by quickselect for rows of at most 512 positions, where radix select's 256-bin passes
+cost more than the row itself. A channel with at most K non-zeros needs no selection at all (threshold
+0). One final pass writes the masked values and/or the boolean mask, following the tie rule of ``ops.py``.
 
 The kernel is plain C (no torch headers), compiled on first use with the system C compiler into a
 cache directory (``$TOPK_PLUGIN_CACHE``, default ``~/.cache/topk_plugin``) and loaded with ``ctypes``,
 which releases the GIL. If no compiler works, or ``TOPK_PLUGIN_NO_EXT=1``, ``available()`` is False and
-``ops.py`` uses its pure-torch path.
+the op uses its pure-torch path (``_library.py``).
 """
 from __future__ import annotations
 
@@ -23,7 +25,9 @@ from pathlib import Path
 
 import torch
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# The key every NaN gets: one above the infinity's bit pattern (sign cleared), so NaN ranks largest.
+NAN_KEYS = {torch.float32: 0x7F800001, torch.float16: 0x7C01, torch.bfloat16: 0x7F81}
+DTYPES = tuple(NAN_KEYS)
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -92,34 +96,62 @@ static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, uint32_t top
     return prefix;
 }
 
-/* Keep key k iff k >= lowest; y = kept ? x : +0. restrict: a uint8 mask store may not alias x or keys,
-   which lets the contiguous loops vectorise. */
-#define WRITE_ROW(NAME, T)                                                                      \
-    static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask,              \
+/* The need-th largest of a[0..n) by quickselect with a three-way partition (equal keys, common after a
+   ReLU, never make it quadratic); a is permuted. Short rows: cheaper than radix select's 256-bin passes. */
+static uint32_t quick_select(uint32_t *a, i64 n, i64 need) {
+    i64 lo = 0, hi = n - 1;
+    const i64 want = need - 1;  /* index in descending order */
+    while (lo < hi) {
+        const uint32_t p0 = a[lo], p1 = a[lo + (hi - lo) / 2], p2 = a[hi];  /* median of three */
+        const uint32_t pivot = p0 < p1 ? (p1 < p2 ? p1 : (p0 < p2 ? p2 : p0)) : (p0 < p2 ? p0 : (p1 < p2 ? p2 : p1));
+        i64 gt = lo, i = lo, lt = hi;  /* [lo, gt) > pivot, [gt, i) == pivot, (lt, hi] < pivot */
+        while (i <= lt) {
+            const uint32_t v = a[i];
+            if (v > pivot) { a[i++] = a[gt]; a[gt++] = v; }
+            else if (v < pivot) { a[i] = a[lt]; a[lt--] = v; }
+            else i++;
+        }
+        if (want < gt) hi = gt - 1;
+        else if (want > lt) lo = lt + 1;
+        else return pivot;
+    }
+    return a[lo];
+}
+
+/* Keep key k iff k >= lowest; y = kept ? x : +0. mask or y may be NULL (not wanted). restrict: a uint8
+   mask store may not alias x or keys, which lets the contiguous loops vectorise. */
+#define WRITE_ROW(NAME, T)                                                                       \
+    static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask,               \
                      const uint32_t *restrict keys, i64 len, i64 s_pos, uint32_t lowest, int invert) { \
-        if (s_pos == 1 && y) {                                                                  \
-            for (i64 p = 0; p < len; p++) {                                                     \
-                const int keep = (keys[p] >= lowest) ^ invert;                                  \
-                mask[p] = (uint8_t)keep;                                                        \
-                y[p] = x[p] & (T)(0u - keep);                                                       \
-            }                                                                                   \
-        } else if (s_pos == 1) {                                                                \
-            for (i64 p = 0; p < len; p++) mask[p] = (uint8_t)((keys[p] >= lowest) ^ invert);    \
-        } else {                                                                                \
-            for (i64 p = 0; p < len; p++) {                                                     \
-                const int keep = (keys[p] >= lowest) ^ invert;                                  \
-                mask[p * s_pos] = (uint8_t)keep;                                                \
-                if (y) y[p * s_pos] = x[p * s_pos] & (T)(0u - keep);                                \
-            }                                                                                   \
-        }                                                                                       \
+        if (s_pos == 1 && y && mask) {                                                           \
+            for (i64 p = 0; p < len; p++) {                                                      \
+                const int keep = (keys[p] >= lowest) ^ invert;                                   \
+                mask[p] = (uint8_t)keep;                                                         \
+                y[p] = x[p] & (T)(0u - keep);                                                    \
+            }                                                                                    \
+        } else if (s_pos == 1 && y) {                                                            \
+            for (i64 p = 0; p < len; p++) y[p] = x[p] & (T)(0u - ((keys[p] >= lowest) ^ invert)); \
+        } else if (s_pos == 1) {                                                                 \
+            for (i64 p = 0; p < len; p++) mask[p] = (uint8_t)((keys[p] >= lowest) ^ invert);     \
+        } else {                                                                                 \
+            for (i64 p = 0; p < len; p++) {                                                      \
+                const int keep = (keys[p] >= lowest) ^ invert;                                   \
+                if (mask) mask[p * s_pos] = (uint8_t)keep;                                       \
+                if (y) y[p * s_pos] = x[p * s_pos] & (T)(0u - keep);                             \
+            }                                                                                    \
+        }                                                                                        \
     }
 WRITE_ROW(write_row32, uint32_t)
 WRITE_ROW(write_row16, uint16_t)
 
+#define SHORT_ROW 512  /* rows up to this length select by quickselect, longer ones by radix select */
+
 /* Rows r = o * inner + i (o < outer, i < inner); element p < len of row r sits at
    offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike.
+   Keys: the bit pattern with the sign cleared (so -0.0 == 0.0), every NaN mapped to nan_key (the
+   infinity's key + 1): NaN ranks largest, as in torch.topk. y or mask may be NULL.
    scratch: 3 * len keys per thread. */
-void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide,
+void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide, uint32_t nan_key,
                  i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
                  i64 count, int ties_all, int invert, int threads) {
     const i64 rows = outer * inner;
@@ -134,21 +166,31 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
             if (wide) {
                 const uint32_t *xs = (const uint32_t *)x;
                 for (i64 p = 0; p < len; p++) {
-                    const uint32_t k = xs[base + p * s_pos] & 0x7fffffffu;
+                    uint32_t k = xs[base + p * s_pos] & 0x7fffffffu;
+                    k = k < nan_key ? k : nan_key;
                     keys[p] = k; nonzero += k != 0; top = k > top ? k : top;
                 }
             } else {
                 const uint16_t *xs = (const uint16_t *)x;
                 for (i64 p = 0; p < len; p++) {
-                    const uint32_t k = xs[base + p * s_pos] & 0x7fffu;
+                    uint32_t k = xs[base + p * s_pos] & 0x7fffu;
+                    k = k < nan_key ? k : nan_key;
                     keys[p] = k; nonzero += k != 0; top = k > top ? k : top;
                 }
             }
             /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
             uint32_t t = 0;
             i64 room = count - nonzero, equal = len - nonzero;
-            if (nonzero > count)
+            if (nonzero > count && len <= SHORT_ROW) {
+                memcpy(keys + len, keys, sizeof(uint32_t) * (size_t)len);
+                t = quick_select(keys + len, len, count);
+                i64 above = 0;
+                equal = 0;
+                for (i64 p = 0; p < len; p++) { above += keys[p] > t; equal += keys[p] == t; }
+                room = count - above;
+            } else if (nonzero > count) {
                 t = radix_select(keys, len, count, top, wide ? 31 : 15, keys + len, keys + 2 * len, &room, &equal);
+            }
             /* room == 0 only when exactly `count` non-zeros: then 0 is below the K-th largest. */
             if (room > 0 && room < equal && !ties_all) {  /* keep only the first `room` ties */
                 i64 seen = 0;
@@ -159,11 +201,11 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
             }
             const uint32_t lowest = room > 0 ? t : t + 1;
             if (wide)
-                write_row32((const uint32_t *)x + base, y ? (uint32_t *)y + base : NULL, mask + base, keys, len, s_pos,
-                            lowest, invert);
+                write_row32((const uint32_t *)x + base, y ? (uint32_t *)y + base : NULL, mask ? mask + base : NULL,
+                            keys, len, s_pos, lowest, invert);
             else
-                write_row16((const uint16_t *)x + base, y ? (uint16_t *)y + base : NULL, mask + base, keys, len, s_pos,
-                            lowest, invert);
+                write_row16((const uint16_t *)x + base, y ? (uint16_t *)y + base : NULL, mask ? mask + base : NULL,
+                            keys, len, s_pos, lowest, invert);
         }
     }
 }
@@ -194,7 +236,7 @@ def _compile(flags: list[str]) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.topk_select.restype = None
     lib.topk_select.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                                ctypes.c_uint32, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
     return lib
 
 
@@ -251,21 +293,23 @@ def _geometry(t: torch.Tensor, kind: str, num_prefix_tokens: int):
 
 
 def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_tokens: int = 0,
-           invert: bool = False, values: bool = True):
-    """``(y, mask)``: the boolean Top-``count`` mask of each channel row and, if ``values``, ``x`` zeroed
-    outside it (``invert`` swaps kept and dropped). Prefix tokens are kept. ``x`` must pass ``supports``."""
+           invert: bool = False, values: bool = True, mask: bool = True):
+    """``(y, mask)``: ``x`` zeroed outside the Top-``count`` entries of each channel row (``invert``: inside
+    them) and the boolean mask of the entries ``y`` keeps; ``None`` for an output not asked for. Prefix tokens
+    are kept. ``x`` must pass ``supports``; the caller validates the arguments (``count`` >= 1, the prefix)."""
     x = x.detach()
+    wanted = [values, mask]
+    outputs = _outputs(x, wanted)
     geometry = _geometry(x, kind, num_prefix_tokens)
-    mask = torch.empty_like(x, dtype=torch.bool)
-    y = torch.empty_like(x) if values else None
-    if geometry is None or any(_geometry(t, kind, num_prefix_tokens) != geometry for t in (mask, y) if t is not None):
+    if geometry is None or any(_geometry(t, kind, num_prefix_tokens) != geometry for t in outputs if t is not None):
         x = x.contiguous()
+        outputs = _outputs(x, wanted)
         geometry = _geometry(x, kind, num_prefix_tokens)
-        mask = torch.empty_like(x, dtype=torch.bool)
-        y = torch.empty_like(x) if values else None
+    y, kept = outputs
     offset, *rows = geometry
     if num_prefix_tokens:
-        mask[:, :num_prefix_tokens] = True
+        if kept is not None:
+            kept[:, :num_prefix_tokens] = True
         if y is not None:
             y[:, :num_prefix_tokens] = x[:, :num_prefix_tokens]
     if x.numel():
@@ -273,6 +317,12 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
         scratch = torch.empty(threads * 3 * rows[2], dtype=torch.int32)
         _library().topk_select(
             x.data_ptr() + offset * esize, y.data_ptr() + offset * esize if y is not None else None,
-            mask.data_ptr() + offset, scratch.data_ptr(), int(esize == 4), *rows, count, int(ties == "all"),
-            int(invert), threads)
-    return y, mask
+            kept.data_ptr() + offset if kept is not None else None, scratch.data_ptr(), int(esize == 4),
+            NAN_KEYS[x.dtype], *rows, count, int(ties == "all"), int(invert), threads)
+    return y, kept
+
+
+def _outputs(x: torch.Tensor, wanted) -> list:
+    """Empty values and mask like ``x`` (its memory format), or None where not wanted."""
+    values, mask = wanted
+    return [torch.empty_like(x) if values else None, torch.empty_like(x, dtype=torch.bool) if mask else None]

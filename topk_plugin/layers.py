@@ -1,10 +1,16 @@
-"""``TopK``: the module that ``sparsify`` inserts; it holds no parameters or buffers."""
+"""``TopK``: the module that ``sparsify`` inserts; it holds no parameters or buffers.
+
+Measurement: while ``layer.measure`` is True, every call appends one dict to the list ``layer.stats``
+(``shape``, ``count``, ``positions``, ``kept``, ``nonzero_in``, ``nonzero_out``), so a layer called several
+times per forward reports each call. Whoever starts a measurement resets ``layer.stats = []``.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from .ops import KINDS, MODES, TIES, check_choice, check_k, keep_count, ranked_positions, topk, topk_mask
+from .ops import (KINDS, MODES, TIES, check_choice, check_k, check_prefix, keep_count, prefix_tokens, ranked_positions,
+                  topk, topk_and_mask)
 
 
 class TopK(nn.Module):
@@ -25,8 +31,7 @@ class TopK(nn.Module):
         super().__init__()
         check_choice("kind", kind, KINDS)
         check_choice("ties", ties, TIES)
-        if not isinstance(num_prefix_tokens, int) or num_prefix_tokens < 0:
-            raise ValueError(f"num_prefix_tokens={num_prefix_tokens!r} must be an int >= 0")
+        check_prefix(num_prefix_tokens, kind)
         self.k = k
         self.mode = mode
         self.kind = kind
@@ -34,7 +39,7 @@ class TopK(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.position = position
         self.measure = False
-        self.stats: dict = {}
+        self.stats: list[dict] = []
 
     def __setattr__(self, name, value):
         if name == "k":
@@ -44,31 +49,21 @@ class TopK(nn.Module):
         super().__setattr__(name, value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"Top-K at position {self.position!r} got a {type(x).__name__}, not a tensor")
-        y = topk(x, self.k, mode=self.mode, kind=self.kind, ties=self.ties,
-                 num_prefix_tokens=self._prefix(x), where=self.position)
-        if self.measure:
-            self._record(x, y)
+        if not self.measure:
+            return topk(x, self.k, mode=self.mode, kind=self.kind, ties=self.ties,
+                        num_prefix_tokens=self.num_prefix_tokens, where=self.position)
+        y, kept = topk_and_mask(x, self.k, mode=self.mode, kind=self.kind, ties=self.ties,
+                                num_prefix_tokens=self.num_prefix_tokens, where=self.position)
+        positions = ranked_positions(x, self.kind, prefix_tokens(x, self.kind, self.num_prefix_tokens))
+        self.stats.append({"shape": tuple(x.shape), "count": keep_count(self.k, positions), "positions": positions,
+                           "kept": _fraction(kept), "nonzero_in": _fraction(x != 0), "nonzero_out": _fraction(y != 0)})
         return y
-
-    def _prefix(self, x: torch.Tensor) -> int:
-        return self.num_prefix_tokens if self.kind == "token" and x.dim() == 3 else 0
-
-    def _record(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        mask = topk_mask(x, self.k, kind=self.kind, ties=self.ties, num_prefix_tokens=self._prefix(x))
-        if self.mode == "non_topk":
-            mask = ~mask
-        positions = ranked_positions(x, self.kind, self._prefix(x))
-        self.stats = {
-            "shape": tuple(x.shape),
-            "count": keep_count(self.k, positions),
-            "positions": positions,
-            "kept": mask.sum().item() / mask.numel() if self.mode != "identity" else 1.0,
-            "nonzero_in": (x != 0).sum().item() / x.numel(),
-            "nonzero_out": (y != 0).sum().item() / y.numel(),
-        }
 
     def extra_repr(self) -> str:
         prefix = f", num_prefix_tokens={self.num_prefix_tokens}" if self.kind == "token" else ""
         return f"k={self.k}, mode={self.mode}, kind={self.kind}, ties={self.ties}{prefix}"
+
+
+def _fraction(mask: torch.Tensor) -> float:
+    """Fraction of True entries (NaN for an empty tensor)."""
+    return mask.sum().item() / mask.numel() if mask.numel() else float("nan")

@@ -75,7 +75,7 @@ _KNOWS = {"topk_plugin": lambda name: name in _REGISTRY,
 
 def _source_of(name: str) -> tuple[str, str]:
     """(source, bare name) for ``name``, honouring a ``source/`` prefix; ``ValueError`` with close names."""
-    source, _, bare = name.rpartition("/")
+    source, _, bare = name.partition("/") if "/" in name else ("", "", name)
     if source and source not in SOURCES:
         raise ValueError(f"model {name!r}: unknown source {source!r}; prefix a name with one of {list(SOURCES)}")
     if source == "timm" and not _has_timm():
@@ -95,13 +95,13 @@ def _unknown_message(name: str, bare: str, source: str) -> str:
 
         names += timm.list_models()
     where = f"a {source}" if source else "a registered, torchvision or timm"
-    close = difflib.get_close_matches(bare, names, n=6, cutoff=0.6)
+    close = difflib.get_close_matches(bare, list(dict.fromkeys(names)), n=6, cutoff=0.6)
     hint = f"; closest names: {close}" if close else ""
     return f"model {name!r} is not {where} model name{hint}"
 
 
 def _is_file_reference(weights: str) -> bool:
-    return "/" in weights or "\\" in weights or Path(weights).suffix != "" or Path(weights).exists()
+    return "/" in weights or "\\" in weights or Path(weights).suffix != ""
 
 
 def _own(name: str, weights: str | None, num_classes: int | None, kwargs: dict) -> nn.Module:
@@ -157,7 +157,8 @@ def create_model(name: str, *, weights: str | None = None, num_classes: int | No
     if weights is not None and not isinstance(weights, (str, Path)):
         raise ValueError(f"weights={weights!r} must be None, a weights name or a checkpoint path")
     source, bare = _source_of(name)
-    path = Path(weights) if weights is not None and _is_file_reference(str(weights)) else None
+    is_file = isinstance(weights, Path) or (isinstance(weights, str) and _is_file_reference(weights))
+    path = Path(weights) if is_file else None
     if path is not None and not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
     model = _BUILDERS[source](bare, None if path is not None else weights, num_classes, dict(kwargs))

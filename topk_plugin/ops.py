@@ -3,34 +3,26 @@
 Layout conventions
   spatial  (N, C, H, W): per (n, c), rank the H*W responses.
   token    (N, T, D) or (N, H, W, D): per (n, d), rank the tokens / positions;
-           the first ``num_prefix_tokens`` tokens (CLS, registers) are kept and not ranked.
+           the first ``num_prefix_tokens`` tokens (CLS, registers) of an (N, T, D) sequence are kept
+           and not ranked (``prefix_tokens``: the one place this rule lives).
 
-Ranking is by magnitude ``|x|``. ``ties="first"`` keeps exactly K entries per channel
-(as the authors' ``torch.topk`` code does); among equal magnitudes the earliest positions
-in row-major order win, so the result is deterministic on every device. ``ties="all"``
+Ranking is by magnitude ``|x|``; -0.0 equals 0.0, ``±inf`` rank by magnitude, NaN ranks largest (as in
+``torch.topk``), and integer magnitudes never overflow (``|int8 -128|`` is 128). ``ties="first"`` keeps
+exactly K entries per channel (as the authors' ``torch.topk`` code does); among equal magnitudes the
+earliest positions in row-major order win, so the result is deterministic on every device. ``ties="all"``
 is Eq. 1 read literally: every entry whose magnitude is >= the K-th largest is kept.
 
-On CPU, float32/float16/bfloat16 inputs go through an exact radix-select kernel (``_select.py``) that
-writes the mask and the masked values in one pass; other devices and dtypes use the torch path below.
-Both give identical masks; autograd keeps only the boolean mask.
+The work is done by ops registered with ``torch.library`` (``_library.py``: the C kernel on CPU, a torch
+path elsewhere), so ``torch.compile``, ``torch.export`` and ONNX export see one op. Without a gradient
+to compute, only the values are written; with one, autograd keeps only the boolean mask.
 """
 from __future__ import annotations
 
-import math
 import numbers
 
 import torch
 
-from . import _select
-
-MODES = ("topk", "non_topk", "mean_replace", "identity")
-KINDS = ("spatial", "token")
-TIES = ("first", "all")
-
-
-def check_choice(name: str, value, allowed) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+from ._library import KINDS, TIES, check_choice, check_layout, check_prefix, ranked_positions
 
 
 def check_k(k) -> None:
@@ -52,145 +44,77 @@ def keep_count(k, positions: int) -> int:
     return min(positions, max(1, int(float(k) * positions)))
 
 
-def _select_mask(magnitude: torch.Tensor, count: int, ties: str) -> torch.Tensor:
-    """Boolean mask of the ``count`` largest entries along the last dim of ``magnitude`` (torch path)."""
-    length = magnitude.shape[-1]
-    if count >= length:
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    # Unsorted topk is faster than kthvalue on CPU and a radix select on CUDA; its smallest value is the K-th.
-    threshold = magnitude.topk(count, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    kept = magnitude >= threshold
-    if ties == "all":
-        return kept
-    surplus = (kept.sum(-1) > count).nonzero().squeeze(1)
-    if surplus.numel():  # only rows with ties at the threshold need the (int64) running count
-        rows, row_threshold = magnitude[surplus], threshold[surplus]
-        above, at = rows > row_threshold, rows == row_threshold
-        room = count - above.sum(-1, keepdim=True)
-        kept[surplus] = above | (at & (at.cumsum(-1) <= room))
-    return kept
+def prefix_tokens(x: torch.Tensor, kind: str, num_prefix_tokens: int) -> int:
+    """The leading tokens of ``x`` that Top-K keeps and does not rank: ``num_prefix_tokens`` of an (N, T, D)
+    sequence; an (N, H, W, D) token map has none (a model's CLS count does not apply to its maps)."""
+    check_prefix(num_prefix_tokens, kind)
+    return num_prefix_tokens if kind == "token" and x.dim() == 3 else 0
 
 
-def _as_channel_rows(x: torch.Tensor, kind: str, num_prefix_tokens: int):
-    """View ``x`` as (rows, positions) with one row per (sample, channel), and the inverse map."""
-    if kind == "spatial":
-        n, c = x.shape[:2]
-        rows = x.reshape(n * c, -1)
-        return rows, lambda r: r.reshape(x.shape)
-    n, d = x.shape[0], x.shape[-1]
-    body = x[:, num_prefix_tokens:] if x.dim() == 3 else x
-    body_shape = body.shape
-    rows = body.reshape(n, -1, d).transpose(1, 2).reshape(n * d, -1)
-
-    def restore(r: torch.Tensor) -> torch.Tensor:
-        r = r.reshape(n, d, -1).transpose(1, 2).reshape(body_shape)
-        if body_shape == x.shape:
-            return r
-        prefix = torch.ones_like(x[:, :num_prefix_tokens], dtype=r.dtype)
-        return torch.cat([prefix, r], dim=1)
-
-    return rows, restore
-
-
-def check_layout(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0, where: str = "") -> None:
-    at = f" at position {where!r}" if where else ""
-    if kind == "spatial" and x.dim() != 4:
-        raise ValueError(
-            f"spatial Top-K{at} needs an (N, C, H, W) tensor, got shape {tuple(x.shape)}; "
-            "use kind='token' for (N, T, D) or (N, H, W, D) channel-last tensors")
-    if kind == "token":
-        if x.dim() not in (3, 4):
-            raise ValueError(f"token Top-K{at} needs an (N, T, D) or (N, H, W, D) tensor, got shape {tuple(x.shape)}")
-        if num_prefix_tokens and (x.dim() != 3 or num_prefix_tokens >= x.shape[1]):
-            raise ValueError(f"token Top-K{at}: num_prefix_tokens={num_prefix_tokens} does not fit shape {tuple(x.shape)}")
-
-
-def ranked_positions(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0) -> int:
-    """How many positions each channel of ``x`` ranks (prefix tokens excluded)."""
-    if kind == "spatial":
-        return x.shape[-2] * x.shape[-1]
-    return math.prod(x.shape[1:-1]) - num_prefix_tokens
+def _resolve(x, k, kind, ties, num_prefix_tokens, where=""):
+    """Check every argument (before any kernel runs); ``(count, prefix)`` for the registered ops."""
+    check_choice("kind", kind, KINDS)
+    check_choice("ties", ties, TIES)
+    check_k(k)
+    check_layout(x, kind, 0, where)
+    prefix = prefix_tokens(x, kind, num_prefix_tokens)
+    check_layout(x, kind, prefix, where)
+    positions = ranked_positions(x, kind, prefix)
+    return max(1, keep_count(k, positions)), prefix  # an empty map has nothing to rank: any count >= 1 is exact
 
 
 def topk_mask(x: torch.Tensor, k, *, kind: str = "spatial", ties: str = "first",
               num_prefix_tokens: int = 0) -> torch.Tensor:
     """Boolean mask, shaped like ``x``, of the Top-K responses of each channel (prefix tokens: True)."""
-    check_k(k)
-    check_choice("kind", kind, KINDS)
-    check_choice("ties", ties, TIES)
-    check_layout(x, kind, num_prefix_tokens)
-    count = keep_count(k, ranked_positions(x, kind, num_prefix_tokens))
-    with torch.no_grad():
-        if _select.supports(x):
-            return _select.select(x, count, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens,
-                                  values=False)[1]
-        rows, restore = _as_channel_rows(x.detach(), kind, num_prefix_tokens)
-        return restore(_select_mask(rows.abs(), count, ties))
+    count, prefix = _resolve(x, k, kind, ties, num_prefix_tokens)
+    return torch.ops.topk_plugin.topk_mask(x.detach(), count, kind, ties, prefix)
 
 
-def _channel_mean_of_kept(x: torch.Tensor, mask: torch.Tensor, kind: str, num_prefix_tokens: int):
-    """Per-channel mean of the kept values, broadcast back onto the kept positions."""
-    rows, restore = _as_channel_rows(x, kind, num_prefix_tokens)
-    mask_rows, _ = _as_channel_rows(mask, kind, num_prefix_tokens)
-    kept = mask_rows.sum(-1, keepdim=True).clamp_min(1)
-    mean = (rows * mask_rows).sum(-1, keepdim=True) / kept
-    out = restore(torch.where(mask_rows, mean.to(rows.dtype), torch.zeros((), dtype=rows.dtype, device=rows.device)))
-    if kind == "token" and x.dim() == 3 and num_prefix_tokens:
-        out = torch.cat([x[:, :num_prefix_tokens], out[:, num_prefix_tokens:]], dim=1)
-    return out
+def _channel_mean_of_kept(x: torch.Tensor, mask: torch.Tensor, kind: str, prefix: int) -> torch.Tensor:
+    """Per-channel mean of the kept values on the kept positions, 0 elsewhere; prefix tokens pass through."""
+    body, kept = x[:, prefix:], mask[:, prefix:]
+    dims = (2, 3) if kind == "spatial" else tuple(range(1, x.dim() - 1))
+    mean = (body * kept).sum(dims, keepdim=True) / kept.sum(dims, keepdim=True).clamp_min(1)
+    out = torch.where(kept, mean.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
+    return torch.cat([x[:, :prefix], out], dim=1) if prefix else out
 
 
-def _masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return torch.where(mask, grad, grad.new_zeros(()))
+def _keep(invert: bool):
+    """``topk`` (``invert=False``) or ``non_topk``: the registered op; the mask only when it is needed (a
+    ``torch.jit.trace`` records the differentiable op: the traced graph must not depend on the grad mode)."""
+    def apply(x, count, kind, ties, prefix, with_mask):
+        if with_mask or torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
+            return torch.ops.topk_plugin.topk_with_mask(x, count, kind, ties, prefix, invert)
+        return torch.ops.topk_plugin.topk(x, count, kind, ties, prefix, invert), None
+    return apply
 
 
-class _MaskedSelect(torch.autograd.Function):
-    """``x`` where ``mask``, else 0; saves only the boolean mask for backward."""
-
-    @staticmethod
-    def forward(ctx, x, mask):
-        ctx.save_for_backward(mask)
-        return x.masked_fill(~mask, 0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return _masked_grad(grad, mask), None
+def _mean_replace(x, count, kind, ties, prefix, with_mask):
+    mask = torch.ops.topk_plugin.topk_mask(x.detach(), count, kind, ties, prefix)
+    return _channel_mean_of_kept(x, mask, kind, prefix), mask
 
 
-class _SelectTopK(torch.autograd.Function):
-    """Top-K (or its complement) by the C kernel, mask and values in one pass; saves only the boolean mask."""
+def _identity(x, count, kind, ties, prefix, with_mask):
+    return x, (torch.ones_like(x, dtype=torch.bool) if with_mask else None)
 
-    @staticmethod
-    def forward(ctx, x, count, kind, ties, num_prefix_tokens, invert):
-        y, mask = _select.select(x, count, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens,
-                                 invert=invert)
-        ctx.save_for_backward(mask)
-        return y
 
-    @staticmethod
-    def backward(ctx, grad):
-        (mask,) = ctx.saved_tensors
-        return _masked_grad(grad, mask), None, None, None, None, None
+# mode -> fn(x, count, kind, ties, prefix, with_mask) -> (output, mask of the entries the output keeps or None)
+_MODES = {"topk": _keep(False), "non_topk": _keep(True), "mean_replace": _mean_replace, "identity": _identity}
+MODES = tuple(_MODES)
+
+
+def topk_and_mask(x: torch.Tensor, k, *, mode: str = "topk", kind: str = "spatial", ties: str = "first",
+                  num_prefix_tokens: int = 0, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """``topk`` and the boolean mask of the entries its output keeps (all True for ``identity``; for
+    ``mean_replace`` the positions that take the mean); prefix tokens count as kept."""
+    check_choice("mode", mode, MODES)
+    count, prefix = _resolve(x, k, kind, ties, num_prefix_tokens, where)
+    return _MODES[mode](x, count, kind, ties, prefix, True)
 
 
 def topk(x: torch.Tensor, k, *, mode: str = "topk", kind: str = "spatial", ties: str = "first",
          num_prefix_tokens: int = 0, where: str = "") -> torch.Tensor:
     """Apply Top-K (``mode``) to ``x``; gradients flow only through the entries the mode keeps."""
     check_choice("mode", mode, MODES)
-    check_choice("kind", kind, KINDS)
-    check_choice("ties", ties, TIES)
-    check_layout(x, kind, num_prefix_tokens, where)
-    if mode == "identity":
-        return x
-    if mode != "mean_replace" and _select.supports(x):
-        count = keep_count(k, ranked_positions(x, kind, num_prefix_tokens))
-        return _SelectTopK.apply(x, count, kind, ties, num_prefix_tokens, mode == "non_topk")
-    mask = topk_mask(x, k, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens)
-    if mode == "mean_replace":
-        return _channel_mean_of_kept(x, mask, kind, num_prefix_tokens)
-    if mode == "non_topk":
-        mask = ~mask
-        if kind == "token" and x.dim() == 3 and num_prefix_tokens:
-            mask[:, :num_prefix_tokens] = True
-    return _MaskedSelect.apply(x, mask)
+    count, prefix = _resolve(x, k, kind, ties, num_prefix_tokens, where)
+    return _MODES[mode](x, count, kind, ties, prefix, False)[0]

@@ -1,0 +1,204 @@
+"""Top-K registered with ``torch.library`` (namespace ``topk_plugin``), so that compile, export and ONNX see it.
+
+Every op takes ``(x, count, kind, ties, num_prefix_tokens)``: ``count`` entries kept per channel and the
+prefix tokens of ``x`` as ``ops.py`` resolved them; ``invert`` keeps the complement (prefix tokens still kept).
+
+    topk_plugin::topk_mask(x, ...)                 -> mask of the Top-K (bool)
+    topk_plugin::topk(x, ..., invert)              -> values only: no mask written (inference)
+    topk_plugin::topk_with_mask(x, ..., invert)    -> (values, mask of what values keeps); differentiable,
+                                                      autograd saves only the boolean mask
+
+CPU float32/float16/bfloat16 run the C kernel (``_select.py``); every other device and dtype runs the torch
+path below, which ranks the same integer keys. Fake implementations give shapes only (no data access), so
+``torch.compile``, ``torch.export`` and ``FakeTensorMode`` trace the ops; ``_onnx.py`` translates them to ONNX.
+Outputs always have the layout of ``torch.empty_like(x)``, as the fake implementations promise.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import _onnx, _select
+
+KINDS = ("spatial", "token")
+TIES = ("first", "all")
+# Real dtypes the op ranks; unsigned types other than uint8 have too little torch support to rank.
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64,
+          torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
+_BITS_AS_INT = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32,
+                torch.float64: torch.int64}
+
+
+# ----------------------------------------------------------------------------- argument checks
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; choose one of {list(allowed)}")
+
+
+def check_prefix(num_prefix_tokens, kind: str) -> None:
+    """``num_prefix_tokens`` is an int >= 0, and 0 for spatial Top-K (maps have no tokens)."""
+    if isinstance(num_prefix_tokens, bool) or not isinstance(num_prefix_tokens, (int, torch.SymInt)):
+        raise ValueError(f"num_prefix_tokens={num_prefix_tokens!r} must be an int >= 0")
+    if num_prefix_tokens < 0:
+        raise ValueError(f"num_prefix_tokens={num_prefix_tokens!r} must be an int >= 0")
+    if num_prefix_tokens and kind != "token":
+        raise ValueError(f"num_prefix_tokens={num_prefix_tokens!r} applies to kind='token' only, not kind={kind!r}")
+
+
+def check_layout(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0, where: str = "") -> None:
+    """``x`` has the rank ``kind`` needs, a dtype the op ranks, and room for ``num_prefix_tokens`` tokens."""
+    at = f" at position {where!r}" if where else ""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"Top-K{at} needs a tensor, got a {type(x).__name__}")
+    if kind == "spatial" and x.dim() != 4:
+        raise ValueError(
+            f"spatial Top-K{at} needs an (N, C, H, W) tensor, got shape {tuple(x.shape)}; "
+            "use kind='token' for (N, T, D) or (N, H, W, D) channel-last tensors")
+    if kind == "token" and x.dim() not in (3, 4):
+        raise ValueError(f"token Top-K{at} needs an (N, T, D) or (N, H, W, D) tensor, got shape {tuple(x.shape)}")
+    if num_prefix_tokens and (x.dim() != 3 or num_prefix_tokens >= x.shape[1]):
+        raise ValueError(f"token Top-K{at}: num_prefix_tokens={num_prefix_tokens} does not fit shape "
+                         f"{tuple(x.shape)}; prefix tokens lead an (N, T, D) sequence and leave at least one token")
+    if x.dtype not in DTYPES:
+        raise ValueError(f"Top-K{at} ranks real numbers: dtype {x.dtype} is not supported; "
+                         f"use one of {[str(d).removeprefix('torch.') for d in DTYPES]}")
+
+
+def ranked_positions(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0) -> int:
+    """How many positions each channel of ``x`` ranks (prefix tokens excluded)."""
+    if kind == "spatial":
+        return x.shape[-2] * x.shape[-1]
+    return math.prod(x.shape[1:-1]) - num_prefix_tokens
+
+
+def _check_args(x, count, kind, ties, num_prefix_tokens) -> None:
+    """Everything the kernels rely on, checked before any of them runs (also for direct ``torch.ops`` calls)."""
+    check_choice("kind", kind, KINDS)
+    check_choice("ties", ties, TIES)
+    check_prefix(num_prefix_tokens, kind)
+    check_layout(x, kind, num_prefix_tokens)
+    if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)) or count < 1:
+        raise ValueError(f"count={count!r} must be an int >= 1 (entries kept per channel)")
+
+
+# ----------------------------------------------------------------------------- the torch path
+
+def _magnitude_key(x: torch.Tensor) -> torch.Tensor:
+    """An integer key per entry ordered like ``|x|``: -0.0 ties 0.0, NaN above inf, no overflow at int minima."""
+    if x.is_floating_point():  # the bit pattern with the sign cleared; every NaN above the infinity's
+        int_dtype = _BITS_AS_INT[x.dtype]
+        infinity = torch.tensor(float("inf"), dtype=x.dtype).view(int_dtype).item()
+        return (x.view(int_dtype) & torch.iinfo(int_dtype).max).clamp_max(infinity + 1)
+    if x.dtype == torch.uint8:
+        return x
+    return torch.where(x > 0, -x, x).bitwise_not()  # ~(-|x|) = |x| - 1: -|x| never overflows
+
+
+def _channel_rows(x: torch.Tensor, kind: str):
+    """View ``x`` as (rows, positions) with one row per (sample, channel), and the inverse map."""
+    if kind == "spatial":
+        n, c, h, w = x.shape
+        return x.reshape(n * c, h * w), lambda r: r.reshape(x.shape)
+    n, d = x.shape[0], x.shape[-1]
+    positions = math.prod(x.shape[1:-1])
+    rows = x.reshape(n, positions, d).transpose(1, 2).reshape(n * d, positions)
+    return rows, lambda r: r.reshape(n, d, positions).transpose(1, 2).reshape(x.shape)
+
+
+def _select_rows(key: torch.Tensor, count: int, ties: str) -> torch.Tensor:
+    """Boolean mask of the ``count`` largest keys of each row (``ties``: which equal keys at the K-th count)."""
+    length = key.shape[-1]
+    if count >= length:
+        return torch.ones_like(key, dtype=torch.bool)
+    # Unsorted topk is faster than kthvalue on CPU and a radix select on CUDA; its smallest value is the K-th.
+    threshold = key.topk(count, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    kept = key >= threshold
+    if ties == "all":
+        return kept
+    surplus = (kept.sum(-1) > count).nonzero().squeeze(1)
+    if surplus.numel():  # only rows with ties at the threshold need the (int64) running count
+        rows, row_threshold = key[surplus], threshold[surplus]
+        above, at = rows > row_threshold, rows == row_threshold
+        room = count - above.sum(-1, keepdim=True)
+        kept[surplus] = above | (at & (at.cumsum(-1) <= room))
+    return kept
+
+
+def _torch_select(x, count, kind, ties, num_prefix_tokens, invert, values: bool):
+    """``(values or None, mask)`` as the ops define them, on any device and dtype."""
+    body = x[:, num_prefix_tokens:]
+    rows, restore = _channel_rows(body, kind)
+    kept = restore(_select_rows(_magnitude_key(rows), count, ties))
+    if invert:
+        kept = ~kept
+    if num_prefix_tokens:
+        kept = torch.cat([torch.ones_like(x[:, :num_prefix_tokens], dtype=torch.bool), kept], dim=1)
+    kept = _like(x, kept)
+    return (_like(x, x.masked_fill(~kept, 0)) if values else None), kept
+
+
+def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the layout of ``torch.empty_like(x)`` (copied only where it differs)."""
+    out = torch.empty_like(x, dtype=t.dtype)
+    return t if out.stride() == t.stride() else out.copy_(t)
+
+
+def _run(x, count, kind, ties, num_prefix_tokens, invert, values: bool, mask: bool):
+    """The kernel for ``x``: the C kernel where it applies, else the torch path."""
+    _check_args(x, count, kind, ties, num_prefix_tokens)
+    if _select.supports(x):
+        y, kept = _select.select(x, count, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens,
+                                 invert=invert, values=values, mask=mask)
+        return (_like(x, y) if y is not None else None), (_like(x, kept) if kept is not None else None)
+    return _torch_select(x, count, kind, ties, num_prefix_tokens, invert, values)
+
+
+# ----------------------------------------------------------------------------- the ops
+
+@torch.library.custom_op("topk_plugin::topk_mask", mutates_args=())
+def topk_mask(x: torch.Tensor, count: int, kind: str, ties: str, num_prefix_tokens: int) -> torch.Tensor:
+    return _run(x, count, kind, ties, num_prefix_tokens, False, values=False, mask=True)[1]
+
+
+@torch.library.custom_op("topk_plugin::topk", mutates_args=())
+def topk(x: torch.Tensor, count: int, kind: str, ties: str, num_prefix_tokens: int, invert: bool) -> torch.Tensor:
+    return _run(x, count, kind, ties, num_prefix_tokens, invert, values=True, mask=False)[0]
+
+
+@torch.library.custom_op("topk_plugin::topk_with_mask", mutates_args=())
+def topk_with_mask(x: torch.Tensor, count: int, kind: str, ties: str, num_prefix_tokens: int,
+                   invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _run(x, count, kind, ties, num_prefix_tokens, invert, values=True, mask=True)
+
+
+@topk_mask.register_fake
+def _(x, count, kind, ties, num_prefix_tokens):
+    _check_args(x, count, kind, ties, num_prefix_tokens)
+    return torch.empty_like(x, dtype=torch.bool)
+
+
+@topk.register_fake
+def _(x, count, kind, ties, num_prefix_tokens, invert):
+    _check_args(x, count, kind, ties, num_prefix_tokens)
+    return torch.empty_like(x)
+
+
+@topk_with_mask.register_fake
+def _(x, count, kind, ties, num_prefix_tokens, invert):
+    _check_args(x, count, kind, ties, num_prefix_tokens)
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _save_mask(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _masked_grad(ctx, grad, _grad_mask):
+    (mask,) = ctx.saved_tensors
+    return grad.masked_fill(~mask, 0), None, None, None, None, None
+
+
+topk_with_mask.register_autograd(_masked_grad, setup_context=_save_mask)
+_onnx.register_torchscript_symbolics()
