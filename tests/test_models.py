@@ -44,7 +44,8 @@ def test_num_classes_reaches_every_source(name, no_downloads):
 
 
 def test_unknown_names_list_close_ones():
-    with pytest.raises(ValueError, match=r"not a registered, torchvision or timm model name; closest names: \['resnet18'"):
+    with pytest.raises(ValueError, match=r"not a registered, torchvision or timm model name; closest names: "
+                                         r"\['resnet18'"):
         create_model("resnt18")
     with pytest.raises(ValueError, match=r"'timm/vit_tiny_patch16_22' is not a timm model name.*vit_tiny_patch16_224"):
         create_model("timm/vit_tiny_patch16_22")

@@ -1,10 +1,13 @@
 """Properties of the Top-K op against a plain reference written here."""
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from topk_plugin import TopK, keep_count, topk, topk_mask
+from topk_plugin.ops import MODES
 
 
 def reference_mask(x: torch.Tensor, count: int, ties: str) -> torch.Tensor:
@@ -200,8 +203,7 @@ def test_token_kind_ranks_tokens_per_channel_and_keeps_prefix(x, k, prefix, ties
     n, c, h, w = x.shape
     tokens = x.reshape(n, c, h * w).transpose(1, 2)  # (N, T, D) with D = channels
     body = tokens[:, prefix:]
-    if body.shape[1] == 0:
-        return
+    assume(body.shape[1] > 0)
     spatial = body.transpose(1, 2).unsqueeze(-1)  # (N, D, T', 1): same ranking as spatial Top-K
     expected = reference_mask(spatial, keep_count(k, body.shape[1]), ties).squeeze(-1).transpose(1, 2)
     mask = topk_mask(tokens, k, kind="token", ties=ties, num_prefix_tokens=prefix)
@@ -216,17 +218,6 @@ def test_token_kind_on_channel_last_4d_maps_matches_spatial_on_nchw():
     x = torch.randn(2, 6, 5, 4)  # NCHW
     nhwc = x.permute(0, 2, 3, 1)
     assert torch.equal(topk(nhwc, 0.2, kind="token"), topk(x, 0.2).permute(0, 2, 3, 1))
-
-
-@pytest.mark.slow
-def test_torch_compile_on_cpu_matches_eager():
-    layer = TopK(0.1)
-    compiled = torch.compile(layer)
-    x = torch.randn(2, 4, 9, 9, requires_grad=True)
-    out = compiled(x)
-    assert torch.equal(out, layer(x))
-    out.sum().backward()
-    assert torch.equal(x.grad, topk_mask(x, 0.1).float())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
