@@ -49,11 +49,11 @@ from tqdm import tqdm
 
 from topk_plugin import desparsify, sparsify, topk_layers
 from topk_plugin.models import create_model
-from topk_plugin.recipes._common import (check_resume_config, positive_int, prepare_out, save_config, write_csv,
-                                         write_json)
+from topk_plugin.recipes._common import (check_resume_config, load_config, positive_int, prepare_out, save_config,
+                                         write_csv, write_json)
 
 METHODS = ("fx", "hooks", "auto")
-STATUSES = ("pass", "limitation", "fail", "timeout")
+STATUSES = ("pass", "limitation", "fail", "timeout", "skipped")
 #: a representative model per family for CI: CNNs, hybrids, channel-last maps, token models (small variants)
 CI_MODELS = (
     "torchvision/alexnet", "torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/squeezenet1_1",
@@ -68,6 +68,8 @@ DENSE_PREDICTION = {
     "deeplabv3_mobilenet_v3_large": "segment", "lraspp_mobilenet_v3_large": "segment",
     "fasterrcnn_mobilenet_v3_large_320_fpn": "detect",
 }
+BIG_NAMES = ("large", "huge", "giant", "gigantic", "xlarge", "xxlarge", "_big", "_base", "_medium", "_l_", "_g_",
+             "_h_", "_e_")
 # Relative output change (max |sparse - dense| / max |dense|) below which the output counts as unchanged:
 # a Top-K that changed nothing leaves the very same computation, hence a change of exactly 0.
 NO_CHANGE = 1e-6
@@ -144,8 +146,10 @@ def timm_smallest_per_family() -> list[ZooModel]:
 
     chosen = []
     for family in tqdm(timm.list_modules(), desc="timm families", unit="family"):
-        sized = [(_count_on_meta(lambda n=name: timm.create_model(n)), name)
-                 for name in timm.list_models(module=family)]
+        names = timm.list_models(module=family)
+        # counting builds every model (on meta, still ~1 s each here): skip the names that say they are big
+        small = [n for n in names if not any(word in n for word in BIG_NAMES)] or names
+        sized = [(_count_on_meta(lambda n=name: timm.create_model(n)), name) for name in small]
         sized = [(count, name) for count, name in sized if count is not None]
         if sized:
             count, name = min(sized)
@@ -256,13 +260,18 @@ def build_dense(entry: ZooModel, size: int, seed: int) -> Dense:
             batch = torch.randn(2, 3, side, side, generator=generator)
             if entry.task == "detect":  # images in [0, 1] as the detector's transform expects
                 x, batch = x.sigmoid(), batch.sigmoid()
-            with torch.no_grad():
-                output = task.output(model, x)
-            return Dense(model, x, batch, output, sorted(model.state_dict()), _grad_names(model, task, batch), side,
-                         reinit)
+            return dense_reference(model, task, x, batch, reinit)
         except Exception as err:  # noqa: BLE001 - try the next way of building it
             error = err
     raise RuntimeError(f"the dense model does not run: {_one_line(error)}")
+
+
+def dense_reference(model: nn.Module, task: Task, x: torch.Tensor, batch: torch.Tensor, reinit: int = 0) -> Dense:
+    """What the checks compare with: ``model``'s eval output on ``x``, its keys and the parameters it trains."""
+    with torch.no_grad():
+        output = task.output(model.eval(), x)
+    return Dense(model, x, batch, output, sorted(model.state_dict()), _grad_names(model, task, batch), x.shape[-1],
+                 reinit)
 
 
 # ----------------------------------------------------------------------------- checks
@@ -381,11 +390,18 @@ def _time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def check_model(entry: ZooModel, methods=METHODS, *, size: int = 128, seed: int = 0, timeout: int = 600) -> list[dict]:
+def check_model(entry: ZooModel, methods=METHODS, *, size: int = 128, seed: int = 0, timeout: int = 600,
+                max_params: int | None = None) -> list[dict]:
     """One row per method for ``entry`` (hooks checked first: the fx=hooks reference)."""
     started = time.time()
     base = {"model": entry.name, "family": entry.family, "task": entry.task}
     rows: dict[str, dict] = {}
+    if max_params is not None:
+        count = _count_on_meta(lambda: _build(entry, {}))
+        if count is not None and count > max_params:
+            return [{**base, "params": count, "method": m, "status": "skipped",
+                     "cause": f"skipped: {count / 1e6:.0f}M parameters > --max-params (memory of a shared machine)"}
+                    for m in methods]
     try:
         with _time_limit(timeout):
             try:
@@ -419,20 +435,21 @@ def summarize(rows: list[dict], methods) -> dict:
     for method in methods:
         mine = [r for r in rows if r["method"] == method]
         counts = {s: sum(r["status"] == s for r in mine) for s in STATUSES}
+        checked = len(mine) - counts["skipped"]  # rates are over the models checked
         per_method[method] = {"models": len(mine), **counts,
-                              "pass_rate": counts["pass"] / len(mine) if mine else float("nan"),
-                              "explained_rate": (counts["pass"] + counts["limitation"]) / len(mine)
-                              if mine else float("nan")}
+                              "pass_rate": counts["pass"] / checked if checked else float("nan"),
+                              "explained_rate": (counts["pass"] + counts["limitation"]) / checked
+                              if checked else float("nan")}
     problems = [{k: r[k] for k in ("model", "method", "status", "cause")} for r in rows if r["status"] != "pass"]
     return {"per_method": per_method, "not_passed": problems}
 
 
 def markdown(summary: dict, header: str) -> str:
-    lines = [header, "", "| method | models | pass | limitation | fail | timeout | pass % | pass or limitation % |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [header, "", "| method | models | pass | limitation | fail | timeout | skipped | pass % "
+             "| pass or limitation % |", "|---|---|---|---|---|---|---|---|---|"]
     for method, c in summary["per_method"].items():
         lines.append(f"| {method} | {c['models']} | {c['pass']} | {c['limitation']} | {c['fail']} | {c['timeout']} "
-                     f"| {100 * c['pass_rate']:.1f} | {100 * c['explained_rate']:.1f} |")
+                     f"| {c['skipped']} | {100 * c['pass_rate']:.1f} | {100 * c['explained_rate']:.1f} |")
     if summary["not_passed"]:
         lines += ["", "| model | method | status | cause |", "|---|---|---|---|"]
         lines += [f"| `{p['model']}` | {p['method']} | {p['status']} | {p['cause'].replace('|', '/')} |"
@@ -457,6 +474,7 @@ class ZooConfig:
     size: int = 128
     seed: int = 0
     timeout: int = 600
+    max_params: int = 150_000_000
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -497,6 +515,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--methods", default=",".join(METHODS), help="comma-separated sparsify methods")
     parser.add_argument("--size", type=positive_int, default=128, help="input side in pixels (random weights)")
     parser.add_argument("--timeout", type=positive_int, default=600, help="seconds per model (all methods)")
+    parser.add_argument("--max-params", type=positive_int, default=150_000_000,
+                        help="skip (status 'skipped') models with more parameters: each method holds copies")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("runs/zoo_coverage"), help="folder for the results")
     parser.add_argument("--overwrite", action="store_true", help="replace the earlier results in --out")
@@ -506,12 +526,15 @@ def main(argv=None) -> dict:
     if args.models is not None and not _model_names(args.models, args.families_subset):
         raise SystemExit(f"--models {args.models!r} names no model")
     try:  # the zoo listing itself takes a minute: check the options before it
-        ZooConfig(("-",), methods, args.size, args.seed, args.timeout)
+        ZooConfig(("-",), methods, args.size, args.seed, args.timeout, args.max_params)
     except ValueError as err:
         raise SystemExit(f"error: {err}") from None
     out = prepare_out(args.out, resume=args.resume, overwrite=args.overwrite)
-    config = ZooConfig(tuple(_model_names(args.models, args.families_subset)), methods, args.size, args.seed,
-                       args.timeout)
+    if args.resume and args.models is None:  # the zoo as listed when the run began (timm may have changed)
+        models = load_config(out)["models"]
+    else:
+        models = _model_names(args.models, args.families_subset)
+    config = ZooConfig(tuple(models), methods, args.size, args.seed, args.timeout, args.max_params)
     if args.resume:
         check_resume_config(out, config)
     else:
@@ -525,7 +548,8 @@ def main(argv=None) -> dict:
     progress = tqdm(entries, desc="zoo", unit="model")
     for entry in progress:
         progress.set_postfix_str(entry.name)
-        rows += check_model(entry, config.methods, size=config.size, seed=config.seed, timeout=config.timeout)
+        rows += check_model(entry, config.methods, size=config.size, seed=config.seed, timeout=config.timeout,
+                            max_params=config.max_params)
         tmp = csv_path.with_name(csv_path.name + ".tmp")
         write_csv(tmp, rows)
         os.replace(tmp, csv_path)  # a kill never leaves a half-written table

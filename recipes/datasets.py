@@ -74,7 +74,8 @@ def bad_images_exit():
     try:
         yield
     except BadImageError as err:
-        raise UnreadableImage(str(err).strip().splitlines()[-1].removeprefix(f"{BadImageError.__name__}: ")) from None
+        last_line = str(err).strip().splitlines()[-1]  # a worker's copy ends "<module>.BadImageError: <message>"
+        raise UnreadableImage(last_line.split(f"{BadImageError.__name__}: ", 1)[-1]) from None
 
 
 def drop_unreadable(samples: Sequence[Sample], what: str) -> tuple[list[Sample], list[Path]]:

@@ -54,7 +54,7 @@ CHECKPOINT_FORMAT = "topk_plugin.fastgan/2"
 PAPER_KS = "0.02,0.05,0.07,0.1,0.15,0.2,0.5"
 RESIZES = ("stretch", "crop")
 SMOKE = dict(size=64, ngf=8, ndf=8, nz=32, iters=6, batch_size=2, eval_every=3, n_samples=8, n_real=8,
-             fid_features="64", grid=4, ks=[0.05, 0.15], seeds=[0], n=8)
+             fid_features="64", grid=4, ks=[0.05, 0.15], seeds="0", n=8)
 MAP_IMAGES, MAP_CHANNELS, MAP_ROWS = 2, 6, 8
 MODEL_FIELDS = ("size", "ngf", "nz", "noise", "se_gate", "output", "topk", "k")
 

@@ -18,26 +18,25 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from torch import nn
 
-from topk_plugin import preset_names, set_k, sparsify
-from topk_plugin.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
+from topk_plugin import (CheckpointError, create_model, load_checkpoint, parse_spec, read_checkpoint, set_k,
+                         sparsify)
 from topk_plugin.integrations import cue_conflict as cc
 from topk_plugin.integrations.modelvshuman import HUMAN_COLOR, sweep_name
 from topk_plugin.integrations.shape_bias import (accuracy, category_shape_bias, conflict_trials,
                                                  shape_texture_fractions, summarize)
-from topk_plugin.models import create_model
 from topk_plugin.ops import MODES
+from topk_plugin.parse import named_placements
 from topk_plugin.recipes._common import (SHARED_DATA, apply_smoke, k_list, positive_int, prepare_out, pyplot,
                                          recipe_parser, require_dir, resolve_device, save_config, save_figure,
                                          seed_everything, warn_meaningless, write_csv, write_json)
 
 SMOKE = {"per_category": 3, "k": [0.1, 0.5], "device": "cpu"}
-STAGE_ENDS = "stage-ends"  # the core's placement for any model (topk_plugin.placement)
-# The paper's recorded runs (../shared/data/paper-responses) by architecture, and the models they belong to.
-PAPER_ARCHS = {"AlexNet": "AlexNet", "VGG": "VGG16"}
-PAPER_RUNS = {"alexnet": "AlexNet", "vgg16": "VGG", "vgg16_bn": "VGG"}
+# The paper's recorded runs (../shared/data/paper-responses): the architecture in their file names, its label,
+# and the model names whose curves they go beside.
+PAPER_LABELS = {"AlexNet": "AlexNet", "VGG": "VGG16"}
+PAPER_ARCH_OF = {"alexnet": "AlexNet", "vgg16": "VGG"}
 PAPER_RUN = re.compile(r"^cue-conflict_(?P<arch>AlexNet|VGG)-(?:normal|topK-(?P<k>\d+))_session-1\.csv$")
 
 
@@ -47,7 +46,7 @@ class ShapeBiasConfig:
 
     models: list[str]
     weights: dict[str, str | None]
-    placement: str | list[str]  # a preset name, "stage-ends", or positions for every model
+    placement: object  # a placement name ("paper", "stage-ends") or parse_spec's reading of --positions
     ks: list[float | int]
     mode: str
     datasets: list[str]
@@ -129,12 +128,14 @@ def read_checkpoints(weights: dict[str, str | None]) -> dict[str, object]:
     return loaded
 
 
-def check_placement(args) -> str | list[str]:
-    if args.positions:
-        return [p.strip() for p in args.positions.split(",") if p.strip()]
-    known = [*preset_names(), STAGE_ENDS]
-    if args.preset not in known:
-        raise SystemExit(f"--preset {args.preset!r} is not a placement; choose one of {known} "
+def check_placement(args):
+    if args.positions is not None:
+        try:
+            return parse_spec(args.positions)
+        except ValueError as err:
+            raise SystemExit(f"--positions {args.positions!r}: {err}") from None
+    if args.preset not in named_placements():
+        raise SystemExit(f"--preset {args.preset!r} is not a placement; choose one of {named_placements()} "
                          "(or name modules with --positions)")
     return args.preset
 
@@ -150,13 +151,15 @@ def build_parser():
                              "run on random initialisation: their numbers are meaningless")
     placement = parser.add_mutually_exclusive_group()
     placement.add_argument("--preset", default="paper",
-                           help=f"Top-K placement for every model: {STAGE_ENDS!r} (any model: after each stage) "
-                                f"or a preset {preset_names()} (each model must have one)")
+                           help=f"Top-K placement for every model, one of {named_placements()}: 'stage-ends' fits "
+                                "any model (Top-K after each stage); a preset must have an entry for each model")
     placement.add_argument("--positions", default=None,
-                           help="comma-separated positions for every model instead of --preset "
-                                "(see topk_plugin.list_positions)")
+                           help="instead of --preset, for every model: comma-separated positions "
+                                "(topk_plugin.list_positions shows them) or JSON TopKSpec fields "
+                                "(topk_plugin.parse_spec)")
     parser.add_argument("--k", type=k_list, default="0.05,0.1,0.2,0.3,0.5",
-                        help=f"comma-separated K: fractions in (0, 1] or counts >= 1 ({SMOKE['k']} with --smoke)")
+                        help="comma-separated K: fractions in (0, 1] or counts >= 1 "
+                             f"({','.join(map(str, SMOKE['k']))} with --smoke)")
     parser.add_argument("--mode", default="topk", choices=MODES, help="Top-K mode")
     parser.add_argument("--datasets", default=",".join(cc.DATASETS),
                         help="comma-separated subfolders of --data; cue-conflict gives shape bias, others accuracy")
@@ -226,7 +229,7 @@ def build_models(config: ShapeBiasConfig, checkpoints: dict) -> dict[str, tuple[
         try:
             sparse = sparsify(dense, config.placement, mode=config.mode).eval()
         except (ValueError, RuntimeError) as err:
-            option = "--positions" if isinstance(config.placement, list) else "--preset"
+            option = "--preset" if config.placement in named_placements() else "--positions"
             raise SystemExit(f"--model {name} {option} {config.placement!r}: {err}") from None
         models[name] = (dense, sparse)
     return models
@@ -273,10 +276,10 @@ def plot_bias_vs_k(summary, config: ShapeBiasConfig, humans, paper: dict, out: P
         runs = summary[summary["model"] == model]
         ax.plot(x, runs["shape_bias"].iloc[1:], "o-", color=colors(i % 10), label=f"{model} + Top-K")
         ax.axhline(runs["shape_bias"].iloc[0], color=colors(i % 10), ls="--", lw=1, label=f"{model} dense")
-        arch = PAPER_RUNS.get(model)
+        arch = PAPER_ARCH_OF.get(model)
         if percent and arch in paper:
             points = [(int(k), s["shape_bias"]) for k, s in paper[arch].items() if k != "dense"]
-            ax.plot(*zip(*points), "s:", color=colors(i % 10), mfc="none", label=f"paper's {PAPER_ARCHS[arch]} runs")
+            ax.plot(*zip(*points), "s:", color=colors(i % 10), mfc="none", label=f"paper's {PAPER_LABELS[arch]} runs")
     if len(humans):
         ax.axhspan(humans["shape_bias"].min(), humans["shape_bias"].max(), color=HUMAN_COLOR, alpha=0.15)
         ax.axhline(humans["shape_bias"].mean(), color=HUMAN_COLOR, label="humans (mean, range)")
@@ -307,7 +310,7 @@ def plot_frontier(summary, config: ShapeBiasConfig, humans, paper: dict, out: Pa
     for arch, marker in zip(paper, ("s", "^")):
         stats = paper[arch]
         ax.scatter([s["shape_or_texture"] for s in stats.values()], [s["shape_bias"] for s in stats.values()],
-                   marker=marker, facecolors="none", edgecolors="tab:gray", label=f"paper's {PAPER_ARCHS[arch]} runs")
+                   marker=marker, facecolors="none", edgecolors="tab:gray", label=f"paper's {PAPER_LABELS[arch]} runs")
         for k, s in stats.items():
             ax.annotate(k if k == "dense" else f"{k}%", (s["shape_or_texture"], s["shape_bias"]), fontsize=6,
                         color="tab:gray", xytext=(3, -8), textcoords="offset points")
@@ -335,8 +338,7 @@ def plot_per_category(per_category, summary, config: ShapeBiasConfig, out: Path)
         if "humans" in per_category:
             ax.scatter(per_category.loc[order, "humans"], rows, color=HUMAN_COLOR, marker="D", s=40, label="humans",
                        zorder=4, clip_on=False)
-        for y in rows[:-1]:
-            ax.axhline(y + 0.5, color="gray", ls=":", alpha=0.4)
+        ax.hlines([y + 0.5 for y in rows[:-1]], 0, 1, color="gray", ls=":", alpha=0.4)
         ax.set(xlim=(0, 1), ylim=(-0.5, len(order) - 0.5), xlabel="shape bias", title=model)
         ax.legend(fontsize=6, loc="upper center", bbox_to_anchor=(0.5, -0.08), ncol=2)
     axes[0][0].set_yticks(list(rows), list(order))

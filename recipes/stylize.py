@@ -133,7 +133,7 @@ def stylize_samples(net: AdaIN, samples: Sequence[tuple[Path, str]], styles: Seq
             rows.append({"image": f"{name}/{target.name}", "content": str(path), "style": styles[index].name})
     if meaningless:
         (out / MEANINGLESS).write_text("Made with RANDOM AdaIN weights (--random-weights); only for tests.\n")
-    write_preview(rows[:4], styles, out, settings)
+    write_preview(rows[:3], styles, out, settings)
     write_csv(out / "manifest.csv", rows)  # last: a folder with its manifest is complete
     return out
 
@@ -163,7 +163,7 @@ def main(argv=None) -> Path:
     parser.add_argument("--max-per-class", type=positive_int, help="stylize at most this many images per class")
     parser.add_argument("--skip-bad-images", action="store_true",
                         help="leave out content images that cannot be decoded (listed in skipped_images.txt)")
-    args = apply_smoke(parser.parse_args(argv), parser, content_size=64, style_size=64, max_per_class=2)
+    args = apply_smoke(parser.parse_args(argv), parser, content_size=32, style_size=32, max_per_class=2)
     settings = style_settings(args)
     device = resolve_device(args.device)
     classes = class_folders(args.data, "content folder")

@@ -156,10 +156,6 @@ def test_paper_protocol_keeps_the_best_of_three_draws(inception_weights):
                     features="64", protocol="paper")
     assert paper["protocol"] == "paper" and len(paper["fid_repeats"]) == 3
     assert paper["fid"] == min(paper["fid_repeats"]) and len(set(paper["fid_repeats"])) == 3
-    standard = fid_kid(generator, real, weights_path=inception_weights, nz=4, num_samples=6, features="64")
-    assert len(standard["fid_repeats"]) == 1 and standard["fid"] != pytest.approx(paper["fid"])
-    fixed = fid_kid(_images(6, 6, size=16), real, weights_path=inception_weights, features="64", protocol="paper")
-    assert len(fixed["fid_repeats"]) == 1  # a fixed set scores the same every time
     with pytest.raises(ValueError, match="paper protocol .* not a folder"):
         fid_kid("/tmp", real, weights_path=inception_weights, protocol="paper")
     with pytest.raises(ValueError, match="protocol='fork'"):

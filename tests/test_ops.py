@@ -228,3 +228,167 @@ def test_cuda_matches_cpu(dtype):
         for ties in ("first", "all"):
             expected = topk(x.float(), 0.1, mode=mode, ties=ties).to(dtype)
             torch.testing.assert_close(topk(x.cuda(), 0.1, mode=mode, ties=ties).cpu(), expected)
+
+
+# ----------------------------------------------------------------------------- special values and integers
+
+def python_reference_mask(x: torch.Tensor, count: int, ties: str) -> torch.Tensor:
+    """Spatial Top-K mask by sorting Python numbers: NaN above every magnitude (as torch.topk ranks it), then
+    ``abs`` (exact for every integer, -0.0 == 0.0), the earliest position first among equals."""
+    n, c, h, w = x.shape
+    mask = torch.zeros(n * c, h * w, dtype=torch.bool)
+    for r, row in enumerate(x.reshape(n * c, h * w).tolist()):
+        key = [(1, 0) if v != v else (0, abs(v)) for v in row]
+        order = sorted(range(len(row)), key=lambda i: (-key[i][0], -key[i][1], i))
+        kth = key[order[min(count, len(row)) - 1]]
+        mask[r, order[:count] if ties == "first" else [i for i in range(len(row)) if key[i] >= kth]] = True
+    return mask.reshape(x.shape)
+
+
+specials = st.sampled_from([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1.0, -1.0, 2.0, -2.0, 0.5])
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=feature_maps(specials), k=ks, ties=st.sampled_from(["first", "all"]),
+       dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
+def test_nan_inf_and_signed_zeros_rank_like_torch_topk(x, k, ties, dtype):
+    x = x.to(dtype)
+    count = keep_count(k, x.shape[2] * x.shape[3])
+    expected = python_reference_mask(x, count, ties)
+    assert torch.equal(topk_mask(x, k, ties=ties), expected)
+    torch.testing.assert_close(topk(x, k, ties=ties), x.masked_fill(~expected, 0), rtol=0, atol=0, equal_nan=True)
+
+
+@st.composite
+def integer_maps(draw):
+    dtype = draw(st.sampled_from([torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8]))
+    info = torch.iinfo(dtype)
+    extremes = st.sampled_from(sorted({info.min, info.min + 1, info.max, info.max - 1, 0, 1, min(info.max, 3)}))
+    values = st.one_of(extremes, st.integers(info.min, info.max))
+    shape = draw(shapes)
+    flat = draw(st.lists(values, min_size=torch.Size(shape).numel(), max_size=torch.Size(shape).numel()))
+    return torch.tensor(flat, dtype=dtype).reshape(shape)
+
+
+@settings(max_examples=80, deadline=None)
+@given(x=integer_maps(), k=ks, ties=st.sampled_from(["first", "all"]))
+def test_integer_magnitudes_are_exact_at_the_extremes(x, k, ties):
+    expected = python_reference_mask(x, keep_count(k, x.shape[2] * x.shape[3]), ties)
+    assert torch.equal(topk_mask(x, k, ties=ties), expected)
+    assert torch.equal(topk(x, k, ties=ties), x.masked_fill(~expected, 0))
+    assert torch.equal(topk(x, k, mode="non_topk", ties=ties), x.masked_fill(expected, 0))
+
+
+def test_int8_minimum_is_the_largest_magnitude():
+    x = torch.tensor([5, 127, -128, -3], dtype=torch.int8).reshape(1, 1, 1, 4)
+    assert topk_mask(x, 1).flatten().tolist() == [False, False, True, False]
+
+
+def test_one_nan_keeps_the_channel_on_the_torch_path():
+    x = torch.randn(1, 1, 14, 14, dtype=torch.float64)  # float64: the torch path on every device
+    x[0, 0, 3, 4] = float("nan")
+    mask = topk_mask(x, 0.1)
+    assert mask.sum() == keep_count(0.1, 196) == 19 and mask[0, 0, 3, 4]
+
+
+# ----------------------------------------------------------------------------- validation, fake tensors
+
+@pytest.mark.parametrize("bad", [-1, -5, 1.5, True, "1", None])
+def test_bad_num_prefix_tokens_is_refused_before_any_kernel(bad):
+    with pytest.raises(ValueError, match=f"num_prefix_tokens={bad!r}"):
+        topk(torch.randn(2, 5, 3), 0.5, kind="token", num_prefix_tokens=bad)
+    with pytest.raises(ValueError, match=f"num_prefix_tokens={bad!r}"):
+        TopK(0.5, kind="token", num_prefix_tokens=bad)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"kind": "token", "num_prefix_tokens": 5}, r"num_prefix_tokens=5 does not fit shape \(2, 5, 3\)"),
+    ({"num_prefix_tokens": 1}, "applies to kind='token' only"),
+])
+def test_prefix_tokens_that_do_not_fit_are_refused(kwargs, match):
+    x = torch.randn(2, 5, 3) if kwargs.get("kind") == "token" else torch.randn(2, 5, 3, 3)
+    with pytest.raises(ValueError, match=match):
+        topk(x, 0.5, **kwargs)
+
+
+def test_a_token_map_has_no_prefix_tokens():
+    x = torch.randn(2, 4, 4, 6)  # (N, H, W, D): the model's CLS count does not apply
+    assert torch.equal(topk(x, 0.25, kind="token", num_prefix_tokens=1), topk(x, 0.25, kind="token"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.complex64])
+def test_unrankable_dtypes_are_refused(dtype):
+    with pytest.raises(ValueError, match=f"dtype {dtype} is not supported"):
+        topk(torch.ones(1, 1, 2, 2, dtype=dtype), 1)
+
+
+@pytest.mark.parametrize("count", [0, -3])  # non-ints: the op schema (SymInt) refuses them
+def test_registered_ops_check_their_arguments(count):
+    x = torch.randn(1, 2, 3, 3)
+    with pytest.raises(ValueError, match=f"count={count!r}"):
+        torch.ops.topk_plugin.topk(x, count, "spatial", "first", 0, False)
+    with pytest.raises(ValueError, match="num_prefix_tokens=-1"):
+        torch.ops.topk_plugin.topk_mask(torch.randn(1, 4, 2), 1, "token", "first", -1)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fake_tensors_take_the_shape_only_implementation(mode):
+    with FakeTensorMode():
+        x = torch.empty(2, 3, 8, 8)
+        y = topk(x, 0.1, mode=mode)
+        mask = topk_mask(x, 0.1)
+        tokens = topk(torch.empty(2, 5, 4), 0.5, mode=mode, kind="token", num_prefix_tokens=1)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert mask.shape == x.shape and mask.dtype == torch.bool and tokens.shape == (2, 5, 4)
+
+
+class OpLog(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["topk", "non_topk"])
+def test_no_mask_is_written_without_a_gradient_to_compute(mode):
+    x = torch.randn(2, 3, 8, 8)
+    for needs_grad, op in ((False, "topk_plugin.topk.default"), (True, "topk_plugin.topk_with_mask.default")):
+        with OpLog() as log:
+            topk(x.requires_grad_(needs_grad), 0.1, mode=mode)
+        assert [n for n in log.names if n.startswith("topk_plugin")] == [op]
+    with torch.no_grad(), OpLog() as log:
+        topk(x, 0.1, mode=mode)
+    assert [n for n in log.names if n.startswith("topk_plugin")] == ["topk_plugin.topk.default"]
+
+
+# ----------------------------------------------------------------------------- measurement
+
+def test_layer_records_every_call_while_measuring():
+    layer = TopK(0.25)
+    layer(torch.randn(1, 2, 4, 4))
+    assert layer.stats == [], "nothing is recorded unless measuring"
+    layer.measure = True
+    layer(torch.randn(1, 2, 4, 4))
+    layer(torch.randn(3, 2, 2, 2))
+    assert [(s["shape"], s["positions"], s["count"]) for s in layer.stats] == [((1, 2, 4, 4), 16, 4),
+                                                                              ((3, 2, 2, 2), 4, 1)]
+
+
+def test_measured_kept_counts_prefix_tokens_as_kept_for_non_topk():
+    layer = TopK(2, mode="non_topk", kind="token", num_prefix_tokens=1)
+    layer.measure = True
+    layer(torch.randn(2, 9, 5))  # 8 ranked tokens: Top-K keeps 2, non_topk the other 6 and the CLS token
+    assert layer.stats[0]["kept"] == pytest.approx(7 / 9)
+
+
+@pytest.mark.parametrize("mode", ["topk", "non_topk", "identity"])
+def test_measured_kept_is_the_fraction_the_output_passes_through(mode):
+    x = torch.randn(2, 3, 6, 6)  # no zeros: an entry is kept iff the output equals the input
+    layer = TopK(0.2, mode=mode)
+    layer.measure = True
+    y = layer(x)
+    assert layer.stats[0]["kept"] == pytest.approx((y == x).float().mean().item())
+    assert layer.stats[0]["nonzero_out"] == pytest.approx((y != 0).float().mean().item())

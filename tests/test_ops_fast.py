@@ -1,4 +1,4 @@
-"""The C radix-select path (``topk_plugin._select``) against a plain sort-based reference and the torch path."""
+"""The C kernel (``topk_plugin._select``) against a plain sort-based reference and the torch path; the benchmark."""
 import csv
 import importlib.util
 from pathlib import Path
@@ -9,19 +9,24 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topk_plugin import _select, keep_count, topk, topk_mask
+from topk_plugin.ops import MODES, topk_and_mask
 
-pytestmark = pytest.mark.skipif(not _select.available(), reason="no C compiler: the C kernel is not built")
+needs_kernel = pytest.mark.skipif(not _select.available(), reason="no C compiler: the C kernel is not built")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 def reference_rows(rows: torch.Tensor, count: int, ties: str) -> torch.Tensor:
-    """Top-``count`` mask of each row of magnitudes by a stable descending sort (earliest wins ties)."""
-    order = torch.sort(rows, dim=-1, descending=True, stable=True).indices
+    """Top-``count`` mask of each row of magnitudes (float64) by stable descending sorts: NaN above every
+    magnitude (as torch.topk ranks it), then the magnitude, the earliest position first among equals."""
+    nan = rows.isnan()
+    magnitude = rows.nan_to_num(nan=0.0)
+    order = torch.sort(magnitude, dim=-1, descending=True, stable=True).indices
+    order = order.gather(-1, torch.sort(nan.gather(-1, order).byte(), dim=-1, descending=True, stable=True).indices)
     mask = torch.zeros_like(rows, dtype=torch.bool).scatter_(-1, order[:, :count], True)
-    if ties == "all":
-        kth = rows.gather(-1, order[:, count - 1:count])
-        mask = rows >= kth
+    if ties == "all":  # every entry whose (is NaN, magnitude) is >= the K-th's
+        kth_nan, kth = nan.gather(-1, order[:, count - 1:count]), magnitude.gather(-1, order[:, count - 1:count])
+        mask = (nan & ~kth_nan) | ((nan == kth_nan) & (magnitude >= kth))
     return mask
 
 
@@ -42,16 +47,17 @@ def reference_mask(x: torch.Tensor, count: int, kind: str, ties: str, prefix: in
 # Small integers scaled by a power of two: many ties and exact zeros, exact in every dtype.
 tie_heavy = st.integers(-4, 4).map(lambda v: v * 0.25)
 spread = st.floats(-1e3, 1e3, allow_nan=False, width=16)
+specials = st.sampled_from([float("nan"), float("inf"), float("-inf"), -0.0, 0.0, 1.0, -1.0, 0.5])
 dims = st.integers(1, 7)
 
 
 @st.composite
-def tensors(draw, kind):
+def tensors(draw, kind, value_sets=(tie_heavy, spread)):
     if kind == "spatial" or draw(st.booleans()):
         shape = (draw(st.integers(1, 3)), draw(dims), draw(dims), draw(dims))
     else:
         shape = (draw(st.integers(1, 3)), draw(st.integers(2, 12)), draw(dims))
-    values = draw(st.sampled_from([tie_heavy, spread]))
+    values = draw(st.sampled_from(value_sets))
     flat = draw(st.lists(values, min_size=torch.Size(shape).numel(), max_size=torch.Size(shape).numel()))
     x = torch.tensor(flat, dtype=draw(st.sampled_from(DTYPES))).reshape(shape)
     if draw(st.booleans()):  # all-zero channel
@@ -71,10 +77,16 @@ def layouts(x: torch.Tensor):
     yield x.transpose(0, -1).contiguous().transpose(0, -1)
 
 
+def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """Equal values (NaN equal to NaN) and dtype."""
+    torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
+
+
+@needs_kernel
 @settings(max_examples=150, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]))
 def test_mask_and_values_equal_reference(data, kind, k, ties):
-    x = data.draw(tensors(kind))
+    x = data.draw(tensors(kind, (tie_heavy, spread, specials)))
     prefix = data.draw(st.integers(0, 1)) if kind == "token" and x.dim() == 3 else 0
     positions = x.shape[2] * x.shape[3] if kind == "spatial" else x[0, ..., 0].numel() - prefix
     count = keep_count(k, positions)
@@ -83,27 +95,39 @@ def test_mask_and_values_equal_reference(data, kind, k, ties):
         assert _select.supports(view)
         y, mask = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix)
         assert torch.equal(mask, expected)
-        assert torch.equal(y, x.masked_fill(~expected, 0))
+        assert_same(y, x.masked_fill(~expected, 0))
         assert y.dtype == x.dtype and y.stride() == mask.stride()
-        dropped = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix, invert=True)[0]
         keep_rest = ~expected if not prefix else torch.cat([expected[:, :prefix], ~expected[:, prefix:]], 1)
-        assert torch.equal(dropped, x.masked_fill(~keep_rest, 0))
+        dropped, rest = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix, invert=True)
+        assert_same(dropped, x.masked_fill(~keep_rest, 0))
+        assert torch.equal(rest, keep_rest)
+        values_only = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix, mask=False)
+        mask_only = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix, values=False)
+        assert values_only[1] is None and mask_only[0] is None
+        assert_same(values_only[0], y)
+        assert torch.equal(mask_only[1], expected)
 
 
-@settings(max_examples=80, deadline=None)
-@given(x=tensors("spatial"), k=ks, ties=st.sampled_from(["first", "all"]),
-       mode=st.sampled_from(["topk", "non_topk", "mean_replace"]))
-def test_public_op_equals_torch_path(x, k, ties, mode, monkeypatch_module):
-    fast_mask, fast = topk_mask(x, k, ties=ties), topk(x, k, mode=mode, ties=ties)
-    with monkeypatch_module.context() as patch:
-        patch.setattr(_select, "supports", lambda t: False)
-        slow_mask = topk_mask(x.float(), k, ties=ties)
-        slow = topk(x.float(), k, mode=mode, ties=ties)
+@needs_kernel
+@settings(max_examples=120, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]),
+       mode=st.sampled_from(MODES), grad=st.booleans())
+def test_kernel_and_torch_path_agree(data, kind, k, ties, mode, grad, monkeypatch_module):
+    """Every mode and tie rule, on inputs with NaN, ±inf, -0.0 and ties; with and without a gradient."""
+    x = data.draw(tensors(kind, (tie_heavy, spread, specials)))
+    prefix = data.draw(st.integers(0, 1)) if kind == "token" and x.dim() == 3 else 0
+    options = dict(mode=mode, kind=kind, ties=ties, num_prefix_tokens=prefix)
+    with torch.set_grad_enabled(grad):
+        fast, fast_mask = topk_and_mask(x, k, **options)
+        fast_values = topk(x, k, **options)
+        with monkeypatch_module.context() as patch:
+            patch.setattr(_select, "supports", lambda t: False)
+            slow, slow_mask = topk_and_mask(x, k, **options)
+            slow_values = topk(x, k, **options)
     assert torch.equal(fast_mask, slow_mask)
-    if mode == "mean_replace":  # the mean is computed in x's dtype
-        torch.testing.assert_close(fast.float(), slow, rtol=1e-2, atol=1e-2)
-    else:
-        assert torch.equal(fast.float(), slow)
+    assert_same(fast, slow)
+    assert_same(fast_values, slow_values)
+    assert_same(fast_values, fast)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +136,7 @@ def monkeypatch_module():
         yield patch
 
 
+@needs_kernel
 def test_zero_heavy_channels_follow_the_tie_rule():
     """After ReLU a channel often has <= K non-zeros: the kernel skips selection, the first zeros fill up."""
     x = torch.zeros(2, 3, 4, 5)
@@ -126,6 +151,7 @@ def test_zero_heavy_channels_follow_the_tie_rule():
     assert topk_mask(x, 0.2, ties="all")[0, 0].all()  # the K-th largest is 0: every zero ties
 
 
+@needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("mode", ["topk", "non_topk"])
 def test_gradient_is_masked_and_only_a_bool_mask_is_saved(dtype, mode):
@@ -141,6 +167,7 @@ def test_gradient_is_masked_and_only_a_bool_mask_is_saved(dtype, mode):
     assert torch.equal(x.grad, grad.masked_fill(~keep, 0))
 
 
+@needs_kernel
 def test_token_prefix_is_kept_and_not_ranked():
     x = torch.randn(2, 9, 5)
     x[:, 0] = 0  # a zero CLS token would lose every ranking, yet it is kept
@@ -151,12 +178,29 @@ def test_token_prefix_is_kept_and_not_ranked():
     assert torch.equal(non[:, 0], x[:, 0]) and ((non[:, 1:] != 0).sum(1) == 6).all()
 
 
-def test_large_rows_and_many_threads_match_reference():
-    x = torch.randn(3, 5, 64, 80).relu()
+@needs_kernel
+@pytest.mark.parametrize("shape", [(3, 5, 64, 80), (2, 4, 22, 23), (2, 4, 23, 23)])  # radix / quickselect / radix
+def test_long_and_short_rows_with_ties_and_nan_match_reference_on_any_thread_count(shape):
+    x = torch.randn(shape).relu()
     x[0, 0, :2] = x[0, 0, 2:4]  # ties inside the kept range
+    x[0, 1, 1, 1] = float("nan")
+    x[1, 0] = x[1, 0].round()  # ties at the K-th
     for threads in (1, 2):
         torch.set_num_threads(threads)
-        assert torch.equal(topk_mask(x, 0.1), reference_mask(x, keep_count(0.1, 64 * 80), "spatial", "first"))
+        for ties in ("first", "all"):
+            expected = reference_mask(x, keep_count(0.1, shape[2] * shape[3]), "spatial", ties)
+            assert torch.equal(topk_mask(x, 0.1, ties=ties), expected)
+
+
+@needs_kernel
+def test_every_nan_bit_pattern_ties(monkeypatch):
+    """NaNs differ in payload and sign; all rank equal (above inf), so the earliest wins on both paths."""
+    x = torch.tensor([1.0, float("inf"), 0.0, 0.0]).reshape(1, 1, 1, 4)
+    x.view(torch.int32)[0, 0, 0, 2:] = torch.tensor([0x7FC00000, -0x00400001], dtype=torch.int32)  # nan, -nan(payload)
+    expected = torch.tensor([False, False, True, False]).reshape(1, 1, 1, 4)
+    assert torch.equal(topk_mask(x, 1), expected)
+    monkeypatch.setattr(_select, "supports", lambda t: False)
+    assert torch.equal(topk_mask(x, 1), expected)
 
 
 def test_unsupported_input_uses_torch_path():
@@ -176,6 +220,7 @@ def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
     assert torch.equal(topk(x, 0.2), x.masked_fill(~reference_mask(x, 5, "spatial", "first"), 0))
 
 
+@needs_kernel
 def test_build_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("TOPK_PLUGIN_CACHE", str(tmp_path))
     lib = _select._build()

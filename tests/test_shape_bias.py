@@ -5,7 +5,6 @@ import re
 import pandas as pd
 import pytest
 import torch
-import torchvision
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -183,7 +182,8 @@ def _row(response, category, imagename):
 @pytest.mark.parametrize("bad, message", [
     (_row("bear", "bird", "bird1.png"), r"imagename 'bird1\.png' .*<shape><i>-<texture><j>"),
     (_row("bear", "bird", "img_0001.png"), r"imagename 'img_0001\.png'"),
-    (_row("bear", "bird", "bird1-bears2.png"), r"imagename 'bird1-bears2\.png' has texture 'bears', which is not one of the 16"),
+    (_row("bear", "bird", "bird1-bears2.png"),
+     r"imagename 'bird1-bears2\.png' has texture 'bears', which is not one of the 16"),
     (_row("bear", "aeroplane", "aeroplane1-bear2.png"), r"category 'aeroplane' is not one of the 16"),
     (_row("bear", "Bear", "bear1-bird2.png"), r"category 'Bear' is not one of the 16"),
     (_row("Bear", "bird", "bird1-bear2.png"), r"object_response 'Bear' is not one of the 16"),
@@ -339,6 +339,7 @@ def _refusal(argv, capsys) -> str:
     (["--datasets", "edge"], "--datasets 'edge' must list cue-conflict"),
     (["--datasets", "cue-conflict,sketch"], "--datasets sketch"),
     (["--humans", "nowhere"], "--humans nowhere holds no cue-conflict folder"),
+    (["--positions", ""], "--positions ''"), (["--positions", "features.2,,features.5"], "empty position"),
 ])
 def test_bad_options_are_refused_before_any_work(shared_data, tmp_path, no_work, capsys, options, named):
     argv = ["--data", str(shared_data / "texture-shape"), "--out", str(tmp_path / "run"), *options]
@@ -394,7 +395,7 @@ def test_bad_image_stops_the_recipe_naming_it(shared_data, tmp_path):
 
 
 def test_a_rerun_never_mixes_with_the_earlier_run(shared_data, tmp_path, capsys):
-    """--skip-bad-images leaves the bad file out; a second run into a finished --out is refused, --overwrite replaces."""
+    """--skip-bad-images leaves the bad file out; a rerun into a finished --out is refused, --overwrite replaces."""
     bad = _stimuli_with_a_truncated_cat(shared_data, tmp_path / "stimuli")
     out = tmp_path / "run"
     options = ["--model", TINY[0], "--preset", "stage-ends", "--skip-bad-images"]

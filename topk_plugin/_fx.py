@@ -3,9 +3,9 @@
 Tracing: Top-K is added while tracing, at each call of a target module (on its output, or on its first
 tensor argument), so a target that contains another target is traced through and both get Top-K. Modules
 and functions in timm's no-trace registries or in this library's (``register_notrace_module`` /
-``register_notrace_function``) stay opaque. ``forward`` arguments that default to ``None`` are fixed to
-None: fx inserts a check that refuses another value at call time, instead of tracing an optional input
-as a tensor that is never given.
+``register_notrace_function``) stay opaque. ``forward`` arguments with a plain default (``None``, a
+bool, number or string: ``mask=None``, ``is_causal=False``) are fixed to it, and fx inserts a check that
+refuses another value at call time, instead of tracing an optional input as a tensor that is never given.
 
 The module: a ``SparsifiedGraphModule`` whose children *are* the model's children (shared, in their
 order), so parameter and buffer order, ``state_dict`` keys, indexing (``S.features[0]``) and edits (a new
@@ -100,11 +100,12 @@ class _Tracer(fx.Tracer):
         return out
 
 
-def _none_defaults(model: nn.Module) -> dict[str, None]:
-    """``forward`` arguments that default to None, fixed to None for tracing."""
+def _plain_defaults(model: nn.Module) -> dict:
+    """``forward`` arguments whose default is None, a bool, a number or a string: fixed to it for tracing."""
     kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
     parameters = inspect.signature(model.forward).parameters.values()
-    return {p.name: None for p in parameters if p.kind in kinds and p.default is None}
+    return {p.name: p.default for p in parameters
+            if p.kind in kinds and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
 
 
 def _trace(model: nn.Module, targets: list[Target], training: bool) -> tuple[fx.Graph, dict[str, nn.Module]]:
@@ -112,7 +113,7 @@ def _trace(model: nn.Module, targets: list[Target], training: bool) -> tuple[fx.
     model.train(training)
     tracer = _Tracer(targets)
     try:
-        graph = tracer.trace(model, concrete_args=_none_defaults(model) or None)
+        graph = tracer.trace(model, concrete_args=_plain_defaults(model) or None)
     except TraceFailure:
         raise
     except Exception as err:  # noqa: BLE001 - any tracing error means "use hooks"

@@ -13,9 +13,9 @@ between stages. One probe forward finds the stages:
   at least two blocks): token Top-K on the input of each block's attention (of the block where it
   has none), its prefix tokens (CLS, registers) kept and not ranked.
 
-The probe's input: ``example_input``, else ``input_size`` (C, H, W), else the model's own size (timm
-``pretrained_cfg["input_size"]``, torchvision ``image_size``), else the first convolution's channels
-at 224 x 224.
+The probe's input: ``example_input``, else a batch of one at ``input_size`` (C, H, W), else at the
+model's own size (timm ``patch_embed.img_size``, then ``pretrained_cfg["input_size"]``; torchvision
+``image_size``), else the first convolution's input channels at 224 x 224.
 """
 from __future__ import annotations
 
@@ -61,14 +61,21 @@ def model_prefix_tokens(model: nn.Module) -> int:
 
 def default_input_size(model: nn.Module) -> tuple[int, int, int]:
     """The probe's (C, H, W) when the caller gives none (see the module docstring)."""
+    size = getattr(getattr(model, "patch_embed", None), "img_size", None)  # timm: the size it was built for
+    if isinstance(size, (tuple, list)) and len(size) == 2:
+        return (_first_conv_channels(model), *size)
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return tuple(cfg["input_size"])
-    size = getattr(model, "image_size", None)
+    size = getattr(model, "image_size", None)  # torchvision ViT
     if isinstance(size, int):
         return (3, size, size)
+    return (_first_conv_channels(model), 224, 224)
+
+
+def _first_conv_channels(model: nn.Module) -> int:
     conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return (conv.in_channels if conv is not None else 3, 224, 224)
+    return conv.in_channels if conv is not None else 3
 
 
 def example_for(model: nn.Module, example_input=None, input_size=None):
