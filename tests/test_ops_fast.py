@@ -196,7 +196,7 @@ def test_long_and_short_rows_with_ties_and_nan_match_reference_on_any_thread_cou
 def test_every_nan_bit_pattern_ties(monkeypatch):
     """NaNs differ in payload and sign; all rank equal (above inf), so the earliest wins on both paths."""
     x = torch.tensor([1.0, float("inf"), 0.0, 0.0]).reshape(1, 1, 1, 4)
-    x.view(torch.int32)[0, 0, 0, 2:] = torch.tensor([0x7FC00000, -0x00400001], dtype=torch.int32)  # nan, -nan(payload)
+    x.view(torch.int32)[0, 0, 0, 2:] = torch.tensor([-0x00600000, 0x7FC00000], dtype=torch.int32)  # -nan(smaller payload), nan
     expected = torch.tensor([False, False, True, False]).reshape(1, 1, 1, 4)
     assert torch.equal(topk_mask(x, 1), expected)
     monkeypatch.setattr(_select, "supports", lambda t: False)

@@ -1,5 +1,6 @@
 """sparsify / desparsify / set_k / list_positions / sparsity_report on real timm and torchvision models."""
 import copy
+import dataclasses
 import io
 import warnings
 
@@ -9,9 +10,8 @@ import torch
 import torchvision
 from torch import nn
 
-from topk_plugin import (SparsifiedGraphModule, TopKSpec, desparsify, get_preset, list_positions,
-                         register_preset, set_k, sparsify, sparsity_report, topk, topk_layers)
-from topk_plugin.presets import _PRESETS
+from topk_plugin import (SparsifiedGraphModule, TopKSpec, desparsify, get_preset, list_positions, list_presets,
+                         register_preset, set_k, sparsify, sparsity_report, topk, topk_layers, unregister_preset)
 
 
 def tv(name, **kwargs):
@@ -154,7 +154,7 @@ def test_every_preset_runs_on_a_random_model():
     builders = {"alexnet": tv("alexnet"), "vgg16": tv("vgg16"), "resnet18": tv("resnet18"), "resnet50": tv("resnet50"),
                 "vit_torchvision": tv("vit_b_16"), "vit_timm": tm("vit_tiny_patch16_224")}
     sizes = {"vit_torchvision": 224, "vit_timm": 224}
-    for preset in _PRESETS["paper"].values():
+    for preset in list_presets("paper"):
         if preset.arch not in builders:
             continue  # presets other code registers (e.g. the FastGAN generator) are tested there
         model = builders[preset.arch]().eval()
@@ -288,6 +288,8 @@ def test_identity_mode_is_measured_but_changes_nothing():
         assert torch.equal(sparse(x), model(x))
     rows = sparsity_report(sparse, x)
     assert all(row["kept"] == 1.0 and 0 < row["nonzero_out"] == row["nonzero_in"] for row in rows)
+    sparse_rows = sparsity_report(sparsify(model, "paper", mode="topk"), x)
+    assert all(row["kept"] < 0.2 for row in sparse_rows)  # the same measurement, in a mode that drops
 
 
 def test_list_positions_reports_modules_in_call_order_with_shapes():
@@ -365,8 +367,9 @@ def test_fx_model_survives_deepcopy_and_pickle():
         with torch.no_grad():
             assert torch.equal(clone(x), sparse(x))
         clone.fc.weight.data.zero_()
-        assert not torch.equal(desparsify(clone).fc.weight, sparse.fc.weight)
-        assert torch.equal(desparsify(clone).fc.weight, clone.fc.weight)
+        dense = desparsify(clone)
+        assert type(dense) is torchvision.models.ResNet and not hasattr(dense, "topk_layers")
+        assert (dense.fc.weight == 0).all() and not (sparse.fc.weight == 0).all()  # the clone's, not a shared one
 
 
 def test_fx_model_exposes_plain_attributes_but_not_original_methods():
@@ -403,7 +406,9 @@ def test_register_preset_extends_lookup_by_architecture():
         out = sparse(torch.randn(1, 3, 6, 6))
         assert ((out != 0).flatten(2).sum(-1) <= 2).all()
     finally:
-        del _PRESETS["paper"]["tiny-test"]
+        unregister_preset("paper", "tiny-test")
+    with pytest.raises(ValueError, match=r"preset 'paper' has no entry for Tiny"):
+        sparsify(Tiny(), "paper")
 
 
 @pytest.mark.slow
@@ -413,3 +418,256 @@ def test_sparsified_model_compiles_on_cpu():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(torch.compile(sparse)(x), sparse(x))
+
+
+# ----------------------------------------------------------------------------- issue 10 / 13 regressions
+
+class CalledOutOfOrder(nn.Module):
+    """Modules defined a, b, c but called c, a, b (as FastGAN's generator does): fx copies in call order."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.BatchNorm2d(4)
+        self.c = nn.Conv2d(3, 3, 1)
+
+    def forward(self, x):
+        return self.b(self.a(self.c(x)))
+
+
+def test_fx_keeps_the_dense_parameter_and_buffer_order():
+    model = CalledOutOfOrder()
+    sparse = sparsify(model, ["a"], method="fx")
+    assert isinstance(sparse, SparsifiedGraphModule)
+    assert [n for n, _ in sparse.named_parameters()] == [n for n, _ in model.named_parameters()]
+    assert [n for n, _ in sparse.named_buffers()] == [n for n, _ in model.named_buffers()]
+    assert list(sparse.state_dict()) == list(model.state_dict())
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+
+def test_desparsify_keeps_a_replaced_head_and_indexing_works_as_on_the_dense_model():
+    sparse = sparsify(Net().eval(), ["features.1"], method="fx")
+    assert isinstance(sparse.features, nn.Sequential) and isinstance(sparse.features[0], nn.Conv2d)
+    new_head = nn.Linear(8, 2)
+    sparse.head = new_head
+    x = torch.randn(2, 3, 10, 10)
+    assert sparse(x).shape == (2, 2)
+    dense = desparsify(sparse)
+    assert dense.head is new_head and dense(x).shape == (2, 2)
+    assert list(dense.state_dict()) == list(Net().state_dict())[:-2] + ["head.weight", "head.bias"]
+
+
+def test_replacing_a_module_whose_forward_the_graph_inlined_is_refused():
+    sparse = sparsify(Net(), ["features.1"], method="fx")
+    sparse.features = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU())
+    with pytest.raises(RuntimeError, match=r"'features' was replaced after sparsify.*desparsify\(model\)"):
+        sparse(torch.randn(1, 3, 10, 10))
+    assert desparsify(sparse).features is sparse.features  # the edit reaches the dense model
+
+
+@pytest.mark.parametrize("method", ["hooks", "auto"])
+def test_hooks_work_on_models_whose_forward_calls_every_child(method):
+    model = nn.Sequential(nn.Conv2d(3, 3, 3), nn.ReLU(), DataDependent()).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # auto: DataDependent cannot be traced
+        sparse = sparsify(model, ["1"], k=0.25, method=method)
+    x = torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        expected = model[2](topk(model[1](model[0](x)), 0.25))
+        assert torch.equal(sparse(x), expected)
+    assert "topk_layers" not in dict(sparse.named_children())
+    assert list(topk_layers(sparse)) == ["1"] and sparse.to(torch.float64) is sparse
+    assert sparsity_report(sparse, x.double())[0]["count"] == 16  # 25% of 8x8
+    features = torchvision.models.alexnet().features
+    assert sparsify(features, "stage-ends", method="hooks", input_size=(3, 64, 64))(torch.randn(1, 3, 64, 64)).ndim == 4
+
+
+def test_hooks_are_removed_by_their_handles_also_on_a_deep_copy():
+    model = Net()
+    hooked = sparsify(model, ["features.1", "before:head"], method="hooks")
+    clone = copy.deepcopy(hooked)
+    dense_clone = desparsify(clone)
+    assert not dense_clone.features[1]._forward_hooks and not dense_clone.head._forward_pre_hooks
+    assert hooked.features[1]._forward_hooks and hooked.head._forward_pre_hooks  # the copy's hooks only
+    desparsify(hooked)
+    assert not hooked.features[1]._forward_hooks and not hooked.head._forward_pre_hooks_with_kwargs
+
+
+def test_set_k_takes_every_selector_sparsify_takes():
+    sparse = sparsify(torchvision.models.alexnet(), "paper", method="hooks")
+    set_k(sparse, 0.3, positions="type:MaxPool2d")
+    assert {p: l.k for p, l in topk_layers(sparse).items()} == {
+        "features.2": 0.3, "features.5": 0.3, "features.7": 0.1, "features.9": 0.1, "features.12": 0.3}
+    set_k(sparse, 0.4, positions=[nn.ReLU])
+    assert {p for p, l in topk_layers(sparse).items() if l.k == 0.4} == {"features.7", "features.9"}
+    with pytest.raises(ValueError, match=r"positions is empty; the Top-K layers are \['features\.2'"):
+        set_k(sparse, 0.2, positions=[])
+    with pytest.raises(ValueError, match=r"'before:features\.2' matches no Top-K layer"):
+        set_k(sparse, 0.2, positions="before:features.2")
+
+
+def test_presets_are_frozen_copies_and_registration_is_explicit():
+    model = torchvision.models.alexnet()
+    preset = get_preset("paper", model)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preset.spec.k = 2.0
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        preset.spec.positions = ["features.0"]
+    assert get_preset("paper", model).spec.k == 0.1
+    spec = TopKSpec(["features.2"], k=0.3)
+    with pytest.raises(ValueError, match=r"preset 'paper' already has an entry for 'alexnet'; pass replace=True"):
+        register_preset("paper", "alexnet", spec, lambda m: True)
+    original = register_preset("paper", "alexnet", spec, preset.matches, replace=True)
+    try:
+        assert get_preset("paper", model) is original
+    finally:
+        register_preset("paper", "alexnet", preset.spec, preset.matches, preset.note, replace=True)
+    assert get_preset("paper", model) == preset
+    with pytest.raises(ValueError, match=r"no preset 'paper' for 'nope'"):
+        unregister_preset("paper", "nope")
+    with pytest.raises(ValueError, match=r"taken by a computed placement"):
+        register_preset("stage-ends", "x", spec, lambda m: True)
+
+
+def test_the_fastgan_preset_is_in_the_core_registry():
+    from topk_plugin.recipes.fastgan_models import Generator
+
+    preset = get_preset("paper", Generator(size=64, ngf=4, nz=8))
+    assert (preset.arch, preset.spec.positions, preset.spec.k) == ("fastgan", ("feat_32",), 0.05)
+
+
+class CalledTwice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2, self.act = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, stride=2), nn.ReLU()
+
+    def forward(self, x):
+        return self.act(self.conv2(self.act(self.conv1(x))))
+
+
+def test_reports_list_every_call_of_a_module_called_twice():
+    model = CalledTwice()
+    x = torch.randn(1, 3, 9, 9)
+    rows = [(r["position"], r["call"], r["output"]) for r in list_positions(model, x)]
+    assert rows == [("conv1", 0, (1, 4, 9, 9)), ("act", 0, (1, 4, 9, 9)), ("conv2", 0, (1, 4, 4, 4)),
+                    ("act", 1, (1, 4, 4, 4))]
+    for method in ("fx", "hooks"):
+        report = sparsity_report(sparsify(model, ["act"], k=2, method=method), x)
+        assert [(r["position"], r["call"], r["shape"], r["count"]) for r in report] == [
+            ("act", 0, (1, 4, 9, 9), 2), ("act", 1, (1, 4, 4, 4), 2)], method
+
+
+class OptionalMask(nn.Module):
+    """timm hiera's pattern: an optional argument tested with ``is not None``."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x, mask=None):
+        y = self.conv(x)
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+def test_fx_with_an_optional_argument_runs_and_refuses_a_value_it_fixed():
+    model = OptionalMask().eval()
+    sparse = sparsify(model, "conv", k=0.1)
+    x = torch.randn(1, 3, 8, 8)
+    assert isinstance(sparse, SparsifiedGraphModule)
+    assert torch.equal(sparse(x), topk(model(x), 0.1))
+    with pytest.raises(AssertionError, match="mask has been specialized to have value None"):
+        sparse(x, torch.ones(1))
+
+
+class WithConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        return self.conv(x) * torch.tensor([1.0, 2.0, 3.0, 4.0]).view(1, 4, 1, 1)
+
+
+def test_fx_keeps_tensor_constants_out_of_the_state_dict():
+    model = WithConstant().eval()
+    sparse = sparsify(model, ["conv"], k=0.5, method="fx")
+    assert list(sparse.state_dict()) == list(model.state_dict())
+    x = torch.randn(1, 3, 8, 8)
+    assert torch.equal(sparse(x), topk(model.conv(x), 0.5) * torch.tensor([1.0, 2, 3, 4]).view(1, 4, 1, 1))
+    assert not hasattr(desparsify(sparse), "_tensor_constant0")
+
+
+def test_fx_sparsifies_a_container_and_its_child():
+    model = torchvision.models.squeezenet1_1().eval()
+    x = torch.randn(1, 3, 64, 64)
+    fx_model = sparsify(model, ["features.1", "features"], k=0.2, method="fx")
+    hooks = sparsify(model, ["features.1", "features"], k=0.2, method="hooks")
+    with torch.no_grad():
+        assert torch.equal(fx_model(x), hooks(x))
+    assert [r["position"] for r in sparsity_report(fx_model, x) if r["shape"] != "not reached"] == [
+        "features.1", "features"]
+
+
+class Opaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if y.sum() > 0 else -y
+
+
+def opaque_scale(x):
+    return x * 2 if x.sum() > 0 else x
+
+
+class UsesOpaque(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.act = Opaque(), nn.ReLU()
+
+    def forward(self, x):
+        return opaque_scale(self.act(self.block(x)))
+
+
+def test_user_notrace_registries_keep_a_model_on_fx():
+    from topk_plugin import register_notrace_function, register_notrace_module
+
+    with pytest.warns(UserWarning, match="using forward hooks"):
+        sparsify(UsesOpaque(), ["act"])
+    register_notrace_module(Opaque)
+    register_notrace_function(opaque_scale)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparse = sparsify(UsesOpaque(), ["act"], k=0.5)
+    assert isinstance(sparse, SparsifiedGraphModule)
+    with pytest.raises(ValueError, match="nn.Module subclass"):
+        register_notrace_module(opaque_scale)
+
+
+def test_parse_spec_reads_positions_names_and_json():
+    from topk_plugin import parse_spec
+
+    assert parse_spec("features.2, features.5") == ["features.2", "features.5"]
+    assert parse_spec("paper") == "paper" and parse_spec("preset:stage-ends") == "preset:stage-ends"
+    assert parse_spec('{"positions": ["layer2"], "k": 0.2}') == TopKSpec(["layer2"], k=0.2)
+    assert parse_spec('[{"positions": "a"}, {"positions": "b", "k": 3}]') == [TopKSpec("a"), TopKSpec("b", k=3)]
+    for bad, message in [("", "empty"), ("a,,b", "empty position"), ("{k: 1}", "not valid JSON"),
+                         ('{"positons": ["a"]}', r"unknown TopKSpec field\(s\) \['positons'\]"),
+                         ('{"positions": ["a"], "k": 0}', "k=0")]:
+        with pytest.raises(ValueError, match=message):
+            parse_spec(bad)
+    sparse = sparsify(torchvision.models.alexnet(), parse_spec("features.2,before:features.3"), method="hooks")
+    assert list(topk_layers(sparse)) == ["features.2", "before:features.3"]
