@@ -1,20 +1,21 @@
-"""Top-K speed: this library's op and sparsified models against the paper's layer, in one run.
+"""Top-K speed: this library's op and sparsified models against the paper's layer and a copy, in one run.
 
-    python benchmarks/bench_topk.py                                   # every case, CPU, 2 threads
-    python benchmarks/bench_topk.py --device cuda                     # the same table on a GPU
-    python benchmarks/bench_topk.py --cases models --models vgg16 --batch 8
+    python benchmarks/bench_topk.py --out runs/bench_topk              # every case, CPU, 2 threads
+    python benchmarks/bench_topk.py --device cuda --out runs/bench_gpu # the same table on a GPU
+    python benchmarks/bench_topk.py --cases models --models vgg16 --batch 8 --out runs/bench_vgg
 
 Baseline: a re-implementation of the paper's layer — ``|x|.topk`` indices, a float mask built with
 ``scatter``, a multiply, and a count of the zeros of the output (``torch.where(y == 0)``) on every call.
-Each case reports the best of ``--repeats`` timings taken in turn (baseline, ours, relu, ...), so every
-ratio compares runs of one moment. ``relu`` is ``torch.relu`` on the same tensor: one read and one write,
-a lower-bound proxy for any elementwise layer. ``--data`` is not read (inputs are random tensors and
-randomly initialised torchvision models).
+``clone`` copies the same tensor: one read and one write, the floor of any layer that writes a new
+tensor, so ``ours/clone`` says how far the op is from memory speed. Each case reports the best of
+``--repeats`` timings taken in turn (baseline, ours, clone, ...), so every ratio compares runs of one
+moment; before timing, each op case checks that the baseline and ours compute the same output. Inputs are
+random tensors and randomly initialised torchvision models (no data is read).
 """
 from __future__ import annotations
 
+import argparse
 import copy
-import csv
 import os
 import platform
 import time
@@ -24,8 +25,9 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from topk_plugin.recipes._common import SHARED_DATA, recipe_parser, resolve_device, seed_everything, write_json
 from topk_plugin import _select, get_preset, sparsify, topk, topk_layers
+from topk_plugin.recipes._common import (prepare_out, pyplot, resolve_device, save_figure, seed_everything,
+                                         write_csv, write_json)
 
 OP_SHAPES = [(32, 64, 55, 55), (32, 256, 13, 13), (32, 128, 56, 56)]
 OP_KS = [0.05, 0.1, 0.2]
@@ -111,20 +113,26 @@ def saved_bytes_per_element(fn, x: torch.Tensor) -> float:
 
 # ----------------------------------------------------------------------------- cases
 
+def same_output(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """Refuse to time two things that do not compute the same result."""
+    if not torch.allclose(a, b, rtol=1e-4, atol=1e-5):
+        raise AssertionError(f"{what}: the baseline and ours differ; the timing would compare different work")
+
+
 def op_rows(shapes, ks, device, repeats, backward: bool) -> list[dict]:
     rows = []
     for shape in tqdm(shapes, desc="op fwd+bwd" if backward else "op forward"):
         x = torch.randn(shape, device=device).relu_()  # the layer sits after a ReLU in every preset
         for k in ks:
+            same_output(paper_topk(x, k), topk(x, k), f"op {shape} k={k}")
             if backward:
                 leaf = x.clone().requires_grad_()
                 grad = torch.randn_like(x)
                 fns = {name: lambda op=op: torch.autograd.grad(op(leaf), leaf, grad)
                        for name, op in (("baseline", lambda t: paper_topk(t, k)), ("ours", lambda t: topk(t, k)),
-                                        ("relu", torch.relu))}
+                                        ("clone", torch.clone))}
             else:
-                fns = {"baseline": lambda: paper_topk(x, k), "ours": lambda: topk(x, k),
-                       "relu": lambda: torch.relu(x)}
+                fns = {"baseline": lambda: paper_topk(x, k), "ours": lambda: topk(x, k), "clone": x.clone}
             ms = race(fns, device, repeats)
             row = {"case": "op fwd+bwd" if backward else "op forward", "shape": "x".join(map(str, shape)),
                    "k": k, **_ratios(ms)}
@@ -137,9 +145,10 @@ def op_rows(shapes, ks, device, repeats, backward: bool) -> list[dict]:
 
 def token_rows(shape, k, device, repeats) -> list[dict]:
     x = torch.randn(shape, device=device)
+    same_output(paper_topk(x[:, 1:], k, dim_positions=(1,)), topk(x, k, kind="token", num_prefix_tokens=1)[:, 1:],
+                f"tokens {shape}")
     fns = {"baseline": lambda: paper_topk(x[:, 1:], k, dim_positions=(1,)),
-           "ours": lambda: topk(x, k, kind="token", num_prefix_tokens=1),
-           "relu": lambda: torch.relu(x)}
+           "ours": lambda: topk(x, k, kind="token", num_prefix_tokens=1), "clone": x.clone}
     return [{"case": "token forward", "shape": "x".join(map(str, shape)), "k": k, **_ratios(race(fns, device, repeats))}]
 
 
@@ -151,7 +160,7 @@ def model_rows(names, batch, device, repeats) -> list[dict]:
         ours = sparsify(copy.deepcopy(dense), "paper").eval()
         baseline = with_paper_layers(copy.deepcopy(dense), list(spec.positions), spec.k).eval()
         x = torch.randn(batch, 3, 224, 224, device=device)
-        with torch.no_grad():
+        with torch.no_grad():  # not compared: max-pooled maps repeat values, and torch.topk breaks ties arbitrarily
             ms = race({"dense": lambda: dense(x), "baseline": lambda: baseline(x), "ours": lambda: ours(x)},
                       device, repeats)
         rows.append({"case": "model forward", "shape": f"{name} {batch}x3x224x224", "k": spec.k,
@@ -166,8 +175,10 @@ def model_rows(names, batch, device, repeats) -> list[dict]:
         # noisy model timings is not needed to know what they cost.
         inputs = layer_inputs(ours, x)
         layers = race({"baseline": lambda: [paper_topk(a, spec.k) for a in inputs],
-                       "ours": lambda: [topk(a, spec.k) for a in inputs]}, device, repeats)
+                       "ours": lambda: [topk(a, spec.k) for a in inputs],
+                       "clone": lambda: [a.clone() for a in inputs]}, device, repeats)
         rows[-1].update({"baseline_layers_ms": layers["baseline"], "ours_layers_ms": layers["ours"],
+                         "ours_layers/clone": layers["ours"] / layers["clone"],
                          "ours_layers_%_of_dense": 100 * layers["ours"] / ms["dense"]})
     return rows
 
@@ -185,8 +196,8 @@ def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _ratios(ms: dict) -> dict:
-    return {"baseline_ms": ms["baseline"], "ours_ms": ms["ours"], "relu_ms": ms["relu"],
-            "baseline/ours": ms["baseline"] / ms["ours"], "ours/relu": ms["ours"] / ms["relu"]}
+    return {"baseline_ms": ms["baseline"], "ours_ms": ms["ours"], "clone_ms": ms["clone"],
+            "baseline/ours": ms["baseline"] / ms["ours"], "ours/clone": ms["ours"] / ms["clone"]}
 
 
 # ----------------------------------------------------------------------------- output
@@ -204,11 +215,8 @@ def _fmt(value) -> str:
     return f"{value:.2f}" if isinstance(value, float) else str(value)
 
 
-def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+def plot(rows: list[dict], stem: Path) -> list[Path]:
+    plt = pyplot()
     labels = [f"{r['case']}\n{r['shape']} k={r['k']}" for r in rows]
     speedup = [r["baseline/ours"] for r in rows]
     fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
@@ -221,20 +229,30 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, s in enumerate(speedup):
         ax.text(s, i, f" {s:.1f}x", va="center", fontsize=6)
     fig.tight_layout()
-    fig.savefig(path.with_suffix(".png"), dpi=150)
-    fig.savefig(path.with_suffix(".pdf"))
-    plt.close(fig)
+    return save_figure(fig, stem)
 
 
-def main(argv=None) -> list[dict]:
-    parser = recipe_parser(__doc__.split("\n\n")[0], SHARED_DATA, "runs/bench_topk")
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_topk"),
+                        help="folder for the table (CSV, JSON) and plot; must be new or empty (see --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="replace the earlier benchmark run in --out")
+    parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', or 'auto'")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs and models")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes, one model, 2 repeats: a run of seconds")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the kernel uses as many)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case (the best is reported)")
     parser.add_argument("--batch", type=int, default=32, help="batch size of the whole-model cases")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="whole-model cases")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which tables to run")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv=None) -> list[dict]:
+    args = parse_args(argv)
     device = resolve_device(args.device)
+    out = prepare_out(args.out, overwrite=args.overwrite)
     seed_everything(args.seed)
     torch.set_num_threads(args.threads)
     shapes, ks, token_shape, models = OP_SHAPES, OP_KS, TOKEN_SHAPE, args.models
@@ -259,13 +277,9 @@ def main(argv=None) -> list[dict]:
                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(f"\n{machine}")
     print_table(rows)
-    args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "bench_topk.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(c for row in rows for c in row)))
-        writer.writeheader()
-        writer.writerows(rows)
-    write_json(args.out / "bench_topk.json", {"machine": machine, "rows": rows})
-    plot(rows, args.out / "bench_topk")
+    write_csv(out / "bench_topk.csv", rows)
+    write_json(out / "bench_topk.json", {"machine": machine, "rows": rows})
+    plot(rows, out / "bench_topk")
     return rows
 
 

@@ -567,8 +567,8 @@ def parse_args(argv) -> argparse.Namespace:
     group.add_argument("--stylized-val", type=Path, help="stylized val folder made with recipes/stylize.py")
     add_style_options(group)
     args = parser.parse_args(argv)
-    apply_smoke(args, parser, size=32, resize=37, epochs=1, batch_size=8, seeds=[0], max_per_class=6, workers=0,
-                sweep_k=[0.1, 0.5], content_size=32, style_size=32, style_choice="random")
+    apply_smoke(args, parser, size=32, resize=37, epochs=1, batch_size=8, seeds=[0], max_per_class=2, workers=0,
+                l1_lambdas=[1.0], sweep_k=[0.1, 0.5], content_size=32, style_size=32, style_choice="random")
     if args.smoke and args.stylized_val is None and args.vgg is None:
         args.random_weights = True  # a smoke run needs no AdaIN weights; given ones are used
     return args
@@ -645,7 +645,7 @@ def main(argv=None) -> dict:
             (rt.out / "skipped_images.txt").write_text("".join(f"{p}\n" for p in bad))
     if ctx.main:
         print(f"{len(splits.classes)} classes, {len(splits.train)} train / {len(splits.val)} val images; {cfg.arch}, "
-              f"Top-K {spec.positions} {k_label(spec.k)}; {ctx.world} process(es) on {ctx.device}")
+              f"Top-K {list(spec.positions)} {k_label(spec.k)}; {ctx.world} process(es) on {ctx.device}")
     with bad_images_exit():
         train_transform, eval_transform = transforms_for(cfg.size, cfg.resize)
         loaders = {"train_transform": train_transform,

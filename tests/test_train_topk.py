@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import re
 
@@ -5,7 +6,7 @@ import pytest
 import torch
 from PIL import Image
 
-from topk_plugin import TopKSpec, get_preset, topk_layers
+from topk_plugin import get_preset, topk_layers
 from torch.utils.data import DataLoader
 
 from topk_plugin.recipes.datasets import SUBSETS, FileListDataset, bad_images_exit, held_out_split, load_splits
@@ -65,7 +66,7 @@ def test_variants_insert_topk_after_layer2_with_their_mode(variant, mode):
 def test_model_config_rebuilds_the_network_from_its_fields():
     spec = resolve_topk("layer1,layer3", 3, ARCHS["resnet18_tv"](4, 32))
     config = model_config("resnet18_tv", 4, 32, spec, "topk")
-    stored = json.loads(json.dumps(config.__dict__))  # what a checkpoint keeps: plain fields, no CLI names
+    stored = json.loads(json.dumps(dataclasses.asdict(config)))  # what a checkpoint keeps: fields, no CLI names
     assert stored["topk"] == {"positions": ["layer1", "layer3"], "k": 3, "mode": "topk", "kind": "spatial",
                               "ties": "first"}
     layers = topk_layers(ModelConfig(**stored).build())
@@ -190,7 +191,7 @@ def test_weights_evaluates_the_authors_net_checkpoint(tmp_path, shared_data):
 def test_smoke_run_gives_all_six_rows_in_both_protocols_and_never_mixes_runs(shared_data, tmp_path):
     out = tmp_path / "run"
     argv = ["--smoke", "--data", str(shared_data / "few-shot"), "--styles", str(shared_data / "style-targets"),
-            "--out", str(out), "--max-per-class", "1", "--l1-lambdas", "1", "--device", "cpu"]
+            "--out", str(out), "--max-per-class", "1", "--device", "cpu"]
     result = main(argv)
 
     for protocol in ("paper", "final"):
