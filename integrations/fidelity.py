@@ -10,11 +10,18 @@ Two protocols (``PROTOCOLS``) decide how images reach torch-fidelity's ``incepti
 ``"standard"`` is torch-fidelity as documented; ``"paper"`` is what the paper's authors ran
 (``few-shot-img-syn/TopKGen/utlis/eval_agent_module.py`` in Crazy-Jack/nips2023_shape_vs_texture), which
 gives different numbers; see ``FidProtocol``.
+
+The scores are torch-fidelity's own functions (feature extraction, FID statistics, KID), called on features
+this module keeps: the Inception extractor is built once per process (per weights file, feature layer and
+device), and the reference images' features and FID statistics once per reference set (a training run scores
+the same images at every evaluation). ``clear_caches`` frees them.
 """
 from __future__ import annotations
 
-import copy
+import functools
+import hashlib
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -26,6 +33,7 @@ from torch import nn
 FEATURE_EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYERS = ("64", "192", "768", "2048")  # "2048" is the standard FID/KID; smaller ones are quick checks
 IMAGE_EXTENSIONS = "png,jpg,jpeg,webp,bmp"
+REFERENCE_CACHE_SIZE = 4  # reference feature sets kept per process (a training run or a sweep uses one)
 
 
 @dataclass(frozen=True)
@@ -144,9 +152,10 @@ class _Uint8Images(torch.utils.data.Dataset):
         return self.images[i]
 
 
-def _count_images(folder: Path) -> int:
+def _image_files(folder: Path) -> list[Path]:
+    """The files torch-fidelity reads from ``folder`` (recursively, by ``IMAGE_EXTENSIONS``), sorted."""
     exts = tuple("." + e for e in IMAGE_EXTENSIONS.split(","))
-    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in exts)
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in exts)
 
 
 def fork_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -159,21 +168,25 @@ def draw_images(generator: nn.Module, nz: int, num_samples: int, batch_size: int
                 seed: int, batch_statistics: bool) -> torch.Tensor:
     """``num_samples`` images (float, on ``device``) from N(0, 1) codes of a seeded stream, ``batch_size`` at a time.
 
-    ``batch_statistics``: run a copy of ``generator`` in training mode, so BatchNorm normalises each batch by
-    its own statistics as the fork's evaluator does (the copy leaves the caller's buffers untouched); else
-    ``generator`` runs in eval mode (running statistics) and is put back in its mode afterwards.
+    ``batch_statistics``: run ``generator`` in training mode, so BatchNorm normalises each batch by its own
+    statistics as the fork's evaluator does; the buffers that updates (BatchNorm statistics, spectral-norm
+    vectors) are put back afterwards. Else ``generator`` runs in eval mode (running statistics). Either way
+    it is put back in its mode afterwards.
     """
-    net = copy.deepcopy(generator).train() if batch_statistics else generator
-    was_training = net.training
-    net.to(device).train(batch_statistics)
+    was_training = generator.training
+    saved = {name: b.clone() for name, b in generator.named_buffers()} if batch_statistics else {}
+    generator.to(device).train(batch_statistics)
     rng = torch.Generator(device="cpu").manual_seed(seed)
     batches = []
     try:
         for start in range(0, num_samples, batch_size):
-            out = net(torch.randn(min(batch_size, num_samples - start), nz, generator=rng).to(device))
+            out = generator(torch.randn(min(batch_size, num_samples - start), nz, generator=rng).to(device))
             batches.append((out[0] if isinstance(out, (tuple, list)) else out).float())
     finally:
-        net.train(was_training)
+        generator.train(was_training)
+        for name, buffer in generator.named_buffers():
+            if name in saved:
+                buffer.copy_(saved[name])
     return torch.cat(batches)
 
 
@@ -207,10 +220,69 @@ def _as_input(source, nz: int | None, num_samples: int, device: torch.device, pr
                          "tensor (or a generator), not a folder")
     if not Path(source).is_dir():
         raise ValueError(f"{str(source)!r} is neither a generator (nn.Module), a uint8 image tensor nor a folder")
-    return str(source), _count_images(Path(source))
+    return str(source), len(_image_files(Path(source)))
 
 
-def fid_kid(generated, real, *, weights_path: str | Path, nz: int | None = None,
+@functools.lru_cache(maxsize=4)
+def _extractor(weights: tuple, features: str, cuda: bool) -> nn.Module:
+    """torch-fidelity's Inception for one weights file (``_weights_key``) and feature layer, built once:
+    building it reads ~100 MB of weights, which every FID call (three per paper-protocol call) used to do."""
+    _fidelity()
+    from torch_fidelity.utils import create_feature_extractor
+    return create_feature_extractor(FEATURE_EXTRACTOR, [features], cuda=cuda,
+                                    feature_extractor_weights_path=weights[0], verbose=False)
+
+
+def _weights_key(path: Path) -> tuple:
+    """A weights file by path, size and modification time: a file rewritten in place is read again."""
+    stat = path.stat()
+    return str(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def _fingerprint(real) -> tuple:
+    """What identifies a reference set: a uint8 tensor by shape and a hash of its bytes, a folder by its
+    image files' names, sizes and modification times."""
+    if isinstance(real, torch.Tensor):
+        data = real.detach().cpu().contiguous().numpy().reshape(-1)
+        return "tensor", tuple(real.shape), hashlib.blake2b(data, digest_size=20).hexdigest()
+    folder = Path(real).resolve()
+    return "folder", str(folder), tuple((str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+                                        for p in _image_files(folder))
+
+
+_REFERENCES: OrderedDict[tuple, tuple[torch.Tensor, dict]] = OrderedDict()
+
+
+def clear_caches() -> None:
+    """Forget the Inception extractors and reference features this process keeps (frees their memory)."""
+    _extractor.cache_clear()
+    _REFERENCES.clear()
+
+
+def _features(source, extractor: nn.Module, layer: str, num_samples: int, seed: int, options: dict) -> torch.Tensor:
+    """Inception features of a torch-fidelity input (a folder, a Dataset, a generator wrapper), as
+    ``torch_fidelity.calculate_metrics`` extracts them without its file cache."""
+    from torch_fidelity.utils import extract_featuresdict_from_input_id
+    return extract_featuresdict_from_input_id(1, extractor, input1=source, input1_model_num_samples=num_samples,
+                                              rng_seed=seed, **options)[layer]
+
+
+def _reference(real, source, key: tuple, extractor: nn.Module, layer: str, options: dict) -> tuple[torch.Tensor, dict]:
+    """Features and FID statistics of the reference set ``real`` (torch-fidelity input ``source``), computed
+    once per ``key`` (the set's fingerprint and everything that changes its features)."""
+    from torch_fidelity.metric_fid import fid_features_to_statistics
+    key = (_fingerprint(real), *key)
+    if key in _REFERENCES:
+        _REFERENCES.move_to_end(key)
+        return _REFERENCES[key]
+    features = _features(source, extractor, layer, 0, 0, options)
+    _REFERENCES[key] = features, fid_features_to_statistics(features)
+    while len(_REFERENCES) > REFERENCE_CACHE_SIZE:
+        _REFERENCES.popitem(last=False)
+    return _REFERENCES[key]
+
+
+def fid_kid(generated, real, *, weights_path: str | Path | None, nz: int | None = None,
             num_samples: int = 3000, size: int | None = None, device: str | torch.device = "cpu",
             batch_size: int = 32, kid_subset_size: int | None = None, features: str = "2048", seed: int = 0,
             protocol: str = "standard", verbose: bool = False) -> dict:
@@ -219,8 +291,10 @@ def fid_kid(generated, real, *, weights_path: str | Path, nz: int | None = None,
     Args:
         generated: a generator ``G(z)`` (returns images in [-1, 1], or a tuple starting with them; needs
             ``nz``, draws ``num_samples`` N(0, 1) codes), a folder of images, or a uint8 (N, 3, H, W) tensor.
-        real: a folder of images (searched recursively) or a uint8 (N, 3, H, W) tensor.
-        weights_path: torch-fidelity Inception weights (``resolve_inception_weights``).
+        real: a folder of images (searched recursively) or a uint8 (N, 3, H, W) tensor. Its features are
+            kept for the next call with the same images and settings (``clear_caches``).
+        weights_path: torch-fidelity Inception weights (``resolve_inception_weights``); ``None``: its
+            cached download.
         size: standard protocol: resize (shorter side) and centre-crop every folder image to ``size``
             (``None`` keeps them); paper protocol: the generated images' evaluation size.
         batch_size: images per Inception batch; paper protocol: also per generator call (the fork samples
@@ -234,42 +308,46 @@ def fid_kid(generated, real, *, weights_path: str | Path, nz: int | None = None,
         ``{"fid", "kid", "kid_std", "num_generated", "num_real", "features", "protocol", "fid_repeats"}``;
         KID as torch-fidelity reports it (x1, not x10^3); ``fid_repeats`` lists every draw's FID.
     """
-    torch_fidelity, _ = _fidelity()
+    _fidelity()
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
     if str(features) not in FEATURE_LAYERS:
         raise ValueError(f"features={features!r} is not an Inception feature layer; "
                          f"choose one of {list(FEATURE_LAYERS)}")
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not supported; choose one of {list(PROTOCOLS)}")
-    rules = PROTOCOLS[protocol]
+    rules, layer = PROTOCOLS[protocol], str(features)
     kid_subset_size = rules.kid_subset_size if kid_subset_size is None else kid_subset_size
     device = torch.device(device)
     cuda = device.type == "cuda"
+    options = dict(batch_size=batch_size, cuda=cuda, save_cpu_ram=not cuda, samples_find_deep=True,
+                   samples_find_ext=IMAGE_EXTENSIONS, samples_resize_and_crop=size or 0, verbose=verbose)
     was_training = generated.training if isinstance(generated, nn.Module) else None
     repeats = rules.repeats if isinstance(generated, nn.Module) else 1  # a fixed set scores the same each time
-    draws = []
+    real_source, num_real = _as_input(real, None, 0, device, rules, batch_size, size, seed)
+    weights = _weights_key(resolve_inception_weights(weights_path, download=False))
+    extractor, reference, draws = _extractor(weights, layer, cuda), None, []
     try:  # torch-fidelity puts a generator in eval mode
-        input2, num_real = _as_input(real, None, 0, device, rules, batch_size, size, seed)
         for repeat in range(repeats):
-            input1, num_generated = _as_input(generated, nz, num_samples, device, rules, batch_size, size,
+            source, num_generated = _as_input(generated, nz, num_samples, device, rules, batch_size, size,
                                               seed + repeat)
             if min(num_generated, num_real) < 2:
                 raise ValueError(f"FID/KID need at least 2 images on each side; got {num_generated} generated, "
                                  f"{num_real} real")
-            metrics = torch_fidelity.calculate_metrics(
-                input1=input1, input2=input2, input1_model_num_samples=num_samples,
-                fid=True, kid=True, kid_subset_size=min(kid_subset_size, num_real, num_generated),
-                feature_extractor=FEATURE_EXTRACTOR, feature_extractor_weights_path=str(weights_path),
-                feature_layer_fid=str(features), feature_layer_kid=str(features),
-                samples_find_deep=True, samples_find_ext=IMAGE_EXTENSIONS, samples_resize_and_crop=size or 0,
-                batch_size=batch_size, cuda=cuda, save_cpu_ram=not cuda, cache=False, rng_seed=seed + repeat,
-                verbose=verbose)
-            draws.append(metrics)
+            if reference is None:
+                key = (weights, layer, cuda, rules.fork_range, size, batch_size)
+                reference = _reference(real, real_source, key, extractor, layer, options)
+            real_features, real_statistics = reference
+            generated_features = _features(source, extractor, layer, num_samples, seed + repeat, options)
+            fid = fid_statistics_to_metric(fid_features_to_statistics(generated_features), real_statistics, verbose)
+            kid = kid_features_to_metric(generated_features, real_features, rng_seed=seed + repeat, verbose=verbose,
+                                         kid_subset_size=min(kid_subset_size, num_real, num_generated))
+            draws.append({**fid, **kid})
     finally:
         if was_training is not None:
             generated.train(was_training)
-    best = min(draws, key=lambda m: m["frechet_inception_distance"])
-    return {"fid": float(best["frechet_inception_distance"]),
-            "kid": float(best["kernel_inception_distance_mean"]),
-            "kid_std": float(best["kernel_inception_distance_std"]),
-            "num_generated": num_generated, "num_real": num_real, "features": str(features), "protocol": protocol,
-            "fid_repeats": [float(m["frechet_inception_distance"]) for m in draws]}
+    best = min(draws, key=lambda m: m[KEY_METRIC_FID])
+    return {"fid": float(best[KEY_METRIC_FID]), "kid": float(best[KEY_METRIC_KID_MEAN]),
+            "kid_std": float(best[KEY_METRIC_KID_STD]), "num_generated": num_generated, "num_real": num_real,
+            "features": layer, "protocol": protocol, "fid_repeats": [float(m[KEY_METRIC_FID]) for m in draws]}

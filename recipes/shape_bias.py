@@ -32,11 +32,12 @@ from topk_plugin.recipes._common import (SHARED_DATA, apply_smoke, k_list, posit
                                          recipe_parser, require_dir, resolve_device, save_config, save_figure,
                                          seed_everything, warn_meaningless, write_csv, write_json)
 
-SMOKE = {"per_category": 3, "k": [0.1, 0.5], "device": "cpu"}
+SMOKE = {"per_category": 1, "k": [0.1, 0.5], "device": "cpu"}
 # The paper's recorded runs (../shared/data/paper-responses): the architecture in their file names, its label,
 # and the model names whose curves they go beside.
 PAPER_LABELS = {"AlexNet": "AlexNet", "VGG": "VGG16"}
 PAPER_ARCH_OF = {"alexnet": "AlexNet", "vgg16": "VGG"}
+UNIT = (-0.02, 1.02)  # axis limits of a fraction, so that points at 0 and 1 stay visible
 PAPER_RUN = re.compile(r"^cue-conflict_(?P<arch>AlexNet|VGG)-(?:normal|topK-(?P<k>\d+))_session-1\.csv$")
 
 
@@ -267,25 +268,35 @@ def _title(text: str, config: ShapeBiasConfig) -> str:
     return text
 
 
+def _model_colors(count: int) -> list:
+    """One colour per model from tab10 without its red, which is the humans' colour."""
+    palette = [c for i, c in enumerate(pyplot().colormaps["tab10"].colors) if i != 3]
+    return [palette[i % len(palette)] for i in range(count)]
+
+
 def plot_bias_vs_k(summary, config: ShapeBiasConfig, humans, paper: dict, out: Path) -> list[Path]:
+    """One curve per model over K, its dense run dashed; the paper's runs of the same architecture beside it."""
     plt = pyplot()
     x, xlabel, percent = _k_axis(config.ks)
     fig, ax = plt.subplots(figsize=(7, 4.6))
-    colors = plt.colormaps["tab10"]
-    for i, model in enumerate(config.models):
+    for model, color in zip(config.models, _model_colors(len(config.models))):
         runs = summary[summary["model"] == model]
-        ax.plot(x, runs["shape_bias"].iloc[1:], "o-", color=colors(i % 10), label=f"{model} + Top-K")
-        ax.axhline(runs["shape_bias"].iloc[0], color=colors(i % 10), ls="--", lw=1, label=f"{model} dense")
+        ax.plot(x, runs["shape_bias"].iloc[1:], "o-", color=color, label=f"{model} + Top-K")
+        ax.axhline(runs["shape_bias"].iloc[0], color=color, ls="--", lw=1, label=f"{model} dense")
         arch = PAPER_ARCH_OF.get(model)
         if percent and arch in paper:
+            label = PAPER_LABELS[arch]
             points = [(int(k), s["shape_bias"]) for k, s in paper[arch].items() if k != "dense"]
-            ax.plot(*zip(*points), "s:", color=colors(i % 10), mfc="none", label=f"paper's {PAPER_LABELS[arch]} runs")
+            ax.plot(*zip(*points), "s:", color=color, mfc="none", label=f"paper's {label} Top-K runs")
+            if "dense" in paper[arch]:
+                ax.axhline(paper[arch]["dense"]["shape_bias"], color=color, ls=":", lw=1,
+                           label=f"paper's {label} dense run")
     if len(humans):
         ax.axhspan(humans["shape_bias"].min(), humans["shape_bias"].max(), color=HUMAN_COLOR, alpha=0.15)
         ax.axhline(humans["shape_bias"].mean(), color=HUMAN_COLOR, label="humans (mean, range)")
     if not percent:
         ax.set_xticks(x, [str(k) for k in config.ks])
-    ax.set(xlabel=xlabel, ylabel="shape bias", ylim=(0, 1), title=_title("Shape bias vs K", config))
+    ax.set(xlabel=xlabel, ylabel="shape bias", ylim=UNIT, title=_title("Shape bias vs K", config))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
     return save_figure(fig, out / "shape_bias_vs_k")
@@ -295,10 +306,8 @@ def plot_frontier(summary, config: ShapeBiasConfig, humans, paper: dict, out: Pa
     """Shape bias against the fraction of decisions that follow either cue: dense and every K, per model."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 5))
-    colors = plt.colormaps["tab10"]
-    for i, model in enumerate(config.models):
+    for model, color in zip(config.models, _model_colors(len(config.models))):
         runs = summary[summary["model"] == model]
-        color = colors(i % 10)
         ax.plot(runs["shape_or_texture"], runs["shape_bias"], "-", color=color, alpha=0.5)
         ax.scatter(runs["shape_or_texture"].iloc[:1], runs["shape_bias"].iloc[:1], facecolors="none",
                    edgecolors=[color], s=60, zorder=3, label=f"{model} dense")
@@ -317,7 +326,7 @@ def plot_frontier(summary, config: ShapeBiasConfig, humans, paper: dict, out: Pa
     if len(humans):
         ax.scatter(humans["shape_or_texture"], humans["shape_bias"], color=HUMAN_COLOR, marker="D", label="humans")
     ax.set(xlabel="fraction of cue-conflict decisions that are the shape or the texture", ylabel="shape bias",
-           xlim=(0, 1), ylim=(0, 1), title=_title("Shape bias vs shape-or-texture decisions", config))
+           xlim=UNIT, ylim=UNIT, title=_title("Shape bias vs shape-or-texture decisions", config))
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     ax.grid(alpha=0.3)
     return save_figure(fig, out / "frontier")

@@ -28,12 +28,12 @@ ARCHITECTURES = {
     "tv_vgg16": (tv("vgg16"), "paper", 64),
     "tv_resnet18": (tv("resnet18"), "paper", 64),
     "tv_resnet50": (tv("resnet50"), "paper", 64),
-    "tv_vit_b_16": (tv("vit_b_16"), "paper", 224),
+    "tv_vit_b_16": (tv("vit_b_16", image_size=64), "paper", 64),
     "tv_convnext_tiny": (tv("convnext_tiny"), TopKSpec(["features.1", "features.3"], k=0.2), 64),
     "tv_swin_t": (tv("swin_t"), TopKSpec(["features.1", "features.3"], k=0.2, kind="token"), 64),
     "tv_mobilenet_v3_small": (tv("mobilenet_v3_small"), TopKSpec(["type:SqueezeExcitation"], k=0.3), 64),
     "timm_resnet18": (tm("resnet18"), "paper", 64),
-    "timm_vit_tiny": (tm("vit_tiny_patch16_224"), "paper", 224),
+    "timm_vit_tiny": (tm("vit_tiny_patch16_224", img_size=64), "paper", 64),
     "timm_convnext_atto": (tm("convnext_atto"), TopKSpec(["stages.*"], k=0.1), 64),
     "timm_efficientnet_b0": (tm("efficientnet_b0"), TopKSpec(["blocks.1", "blocks.3"], k=0.1), 64),
 }
@@ -100,8 +100,8 @@ def test_paper_preset_placements_and_ks():
         "vgg16": (tv("vgg16"), ["features.4", "features.9", "features.16", "features.23", "features.30"], 0.05),
         "resnet18": (tv("resnet18"), ["layer2"], 0.2),
         "resnet50": (tv("resnet50"), ["maxpool", "layer1", "layer2", "layer3", "layer4"], 0.1),
-        "vit_torchvision": (tv("vit_b_16"), [f"before:encoder.layers.encoder_layer_{i}.self_attention" for i in range(12)], 0.6),
-        "vit_timm": (tm("vit_base_patch16_224"), [f"before:blocks.{i}.attn" for i in range(12)], 0.6),
+        "vit_torchvision": (tv("vit_b_16", image_size=32), [f"before:encoder.layers.encoder_layer_{i}.self_attention" for i in range(12)], 0.6),
+        "vit_timm": (tm("vit_base_patch16_224", img_size=32), [f"before:blocks.{i}.attn" for i in range(12)], 0.6),
     }
     for arch_name, (factory, positions, k) in expected.items():
         model = factory()
@@ -121,13 +121,13 @@ def test_resnet18_training_variant_and_timm_resnets_match_presets():
 
 
 def test_vit_preset_keeps_the_class_token_and_sparsifies_attention_inputs():
-    model = timm.create_model("vit_tiny_patch16_224", reg_tokens=4).eval()
+    model = timm.create_model("vit_tiny_patch16_224", img_size=64, reg_tokens=4).eval()
     sparse = sparsify(model, "paper")
     layer = topk_layers(sparse)["before:blocks.0.attn"]
     assert layer.kind == "token" and layer.num_prefix_tokens == model.num_prefix_tokens == 5
     seen = {}
     getattr(sparse.blocks, "0").attn.register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
-    x = torch.randn(1, 3, 224, 224)
+    x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         sparse(x)
     dense_input = seen.pop("x")
@@ -139,27 +139,26 @@ def test_vit_preset_keeps_the_class_token_and_sparsifies_attention_inputs():
 
 
 def test_torchvision_vit_feeds_the_same_topk_tensor_as_query_key_and_value():
-    model = torchvision.models.vit_b_16().eval()
+    model = torchvision.models.vit_b_16(image_size=64).eval()
     sparse = sparsify(model, "paper")
     calls = []
     sparse.encoder.layers.encoder_layer_3.self_attention.register_forward_pre_hook(lambda m, args: calls.append(args))
     with torch.no_grad():
-        sparse(torch.randn(1, 3, 224, 224))
+        sparse(torch.randn(1, 3, 64, 64))
     q, k, v = calls[0][:3]
     assert q is k is v
-    assert ((q[:, 1:] != 0).sum(1) == int(0.6 * 196)).all()
+    assert ((q[:, 1:] != 0).sum(1) == int(0.6 * 16)).all()
 
 
 def test_every_preset_runs_on_a_random_model():
     builders = {"alexnet": tv("alexnet"), "vgg16": tv("vgg16"), "resnet18": tv("resnet18"), "resnet50": tv("resnet50"),
-                "vit_torchvision": tv("vit_b_16"), "vit_timm": tm("vit_tiny_patch16_224")}
-    sizes = {"vit_torchvision": 224, "vit_timm": 224}
+                "vit_torchvision": tv("vit_b_16", image_size=64), "vit_timm": tm("vit_tiny_patch16_224", img_size=64)}
     for preset in list_presets("paper"):
         if preset.arch not in builders:
             continue  # presets other code registers (e.g. the FastGAN generator) are tested there
         model = builders[preset.arch]().eval()
         sparse = sparsify(model, "paper")
-        report = sparsity_report(sparse, torch.randn(1, 3, sizes.get(preset.arch, 64), sizes.get(preset.arch, 64)))
+        report = sparsity_report(sparse, torch.randn(1, 3, 64, 64))
         for row in report:
             assert row["shape"] != "not reached", (preset.arch, row)
             if row["kind"] == "spatial":
@@ -289,7 +288,7 @@ def test_identity_mode_is_measured_but_changes_nothing():
     rows = sparsity_report(sparse, x)
     assert all(row["kept"] == 1.0 and 0 < row["nonzero_out"] == row["nonzero_in"] for row in rows)
     sparse_rows = sparsity_report(sparsify(model, "paper", mode="topk"), x)
-    assert all(row["kept"] < 0.2 for row in sparse_rows)  # the same measurement, in a mode that drops
+    assert all(row["kept"] == row["count"] / (row["shape"][2] * row["shape"][3]) < 1 for row in sparse_rows)
 
 
 def test_list_positions_reports_modules_in_call_order_with_shapes():
@@ -409,15 +408,6 @@ def test_register_preset_extends_lookup_by_architecture():
         unregister_preset("paper", "tiny-test")
     with pytest.raises(ValueError, match=r"preset 'paper' has no entry for Tiny"):
         sparsify(Tiny(), "paper")
-
-
-@pytest.mark.slow
-def test_sparsified_model_compiles_on_cpu():
-    model = torchvision.models.resnet18(num_classes=5).eval()
-    sparse = sparsify(model, "paper")
-    x = torch.randn(2, 3, 32, 32)
-    with torch.no_grad():
-        torch.testing.assert_close(torch.compile(sparse)(x), sparse(x))
 
 
 # ----------------------------------------------------------------------------- issue 10 / 13 regressions

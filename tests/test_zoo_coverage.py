@@ -13,22 +13,28 @@ _SPEC = importlib.util.spec_from_file_location("zoo_coverage", _PATH)
 zoo = sys.modules.setdefault("zoo_coverage", importlib.util.module_from_spec(_SPEC))  # dataclasses look it up
 _SPEC.loader.exec_module(zoo)
 
-#: models whose random init hides the Top-K change at the output (each verified: scaling the damping up shows it)
+#: models whose random init hides the Top-K change at the output, though every Top-K layer removed entries
 LIMITATIONS = {
+    # checked: with the gammas set to 1 the output changes by 5e-3 (relative)
     "timm/cait_xxs24_224": "LayerScale gammas of 1e-5 scale every block's change down to float noise",
+    # checked: the attention projection ends in a BatchNorm with weight 0 (bn_weight_init=0), so every
+    # attention branch adds exactly 0; at 64 px the last stage holds one token and gets no Top-K
+    "timm/levit_128s": "zero-initialised attention branches",
+    "torchvision/googlenet": "vanishing activations at random init (issue 13's first measurement)",
 }
 
 
 @pytest.mark.parametrize("name", zoo.CI_MODELS)
 def test_stage_ends_covers_the_family(name):
-    rows = {r["method"]: r for r in zoo.check_model(zoo.named_models([name])[0], size=64, timeout=300)}
+    # hooks and auto (auto is fx unless fx cannot trace the model; then it falls back to hooks): the
+    # full benchmark checks fx on its own too
+    rows = {r["method"]: r for r in zoo.check_model(zoo.named_models([name])[0], ("hooks", "auto"), size=64,
+                                                    timeout=300)}
     expected = "limitation" if name in LIMITATIONS else "pass"
     for method in ("auto", "hooks"):
         assert rows[method]["status"] == expected, (method, rows[method]["cause"])
-    fx, auto = rows["fx"], rows["auto"]
-    # fx either passes every check (equal to hooks) or cannot trace the model, and then auto falls back to hooks
-    assert fx["status"] == expected or fx["cause"].startswith("build: RuntimeError: torch.fx cannot trace"), fx["cause"]
-    assert auto["fell_back"] == (fx["status"] == "fail")
+    if expected == "pass":
+        assert float(rows["auto"]["fx_vs_hooks"]) <= zoo.SAME
 
 
 class _Stages(nn.Module):

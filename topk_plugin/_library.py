@@ -47,8 +47,8 @@ def check_prefix(num_prefix_tokens, kind: str) -> None:
         raise ValueError(f"num_prefix_tokens={num_prefix_tokens!r} applies to kind='token' only, not kind={kind!r}")
 
 
-def check_layout(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0, where: str = "") -> None:
-    """``x`` has the rank ``kind`` needs, a dtype the op ranks, and room for ``num_prefix_tokens`` tokens."""
+def check_layout(x: torch.Tensor, kind: str, where: str = "") -> None:
+    """``x`` is a tensor of the rank ``kind`` needs and of a dtype the op ranks."""
     at = f" at position {where!r}" if where else ""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"Top-K{at} needs a tensor, got a {type(x).__name__}")
@@ -58,12 +58,17 @@ def check_layout(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0, where: 
             "use kind='token' for (N, T, D) or (N, H, W, D) channel-last tensors")
     if kind == "token" and x.dim() not in (3, 4):
         raise ValueError(f"token Top-K{at} needs an (N, T, D) or (N, H, W, D) tensor, got shape {tuple(x.shape)}")
-    if num_prefix_tokens and (x.dim() != 3 or num_prefix_tokens >= x.shape[1]):
-        raise ValueError(f"token Top-K{at}: num_prefix_tokens={num_prefix_tokens} does not fit shape "
-                         f"{tuple(x.shape)}; prefix tokens lead an (N, T, D) sequence and leave at least one token")
     if x.dtype not in DTYPES:
         raise ValueError(f"Top-K{at} ranks real numbers: dtype {x.dtype} is not supported; "
                          f"use one of {[str(d).removeprefix('torch.') for d in DTYPES]}")
+
+
+def check_prefix_fits(x: torch.Tensor, num_prefix_tokens: int, where: str = "") -> None:
+    """Prefix tokens lead an (N, T, D) sequence and leave at least one token to rank."""
+    if num_prefix_tokens and (x.dim() != 3 or num_prefix_tokens >= x.shape[1]):
+        at = f" at position {where!r}" if where else ""
+        raise ValueError(f"token Top-K{at}: num_prefix_tokens={num_prefix_tokens} does not fit shape "
+                         f"{tuple(x.shape)}; prefix tokens lead an (N, T, D) sequence and leave at least one token")
 
 
 def ranked_positions(x: torch.Tensor, kind: str, num_prefix_tokens: int = 0) -> int:
@@ -78,7 +83,8 @@ def _check_args(x, count, kind, ties, num_prefix_tokens) -> None:
     check_choice("kind", kind, KINDS)
     check_choice("ties", ties, TIES)
     check_prefix(num_prefix_tokens, kind)
-    check_layout(x, kind, num_prefix_tokens)
+    check_layout(x, kind)
+    check_prefix_fits(x, num_prefix_tokens)
     if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)) or count < 1:
         raise ValueError(f"count={count!r} must be an int >= 1 (entries kept per channel)")
 

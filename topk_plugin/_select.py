@@ -4,9 +4,9 @@ The magnitude ``|x|`` of an IEEE float, read as an unsigned integer with the sig
 exactly like the magnitude itself (-0.0 and 0.0 get the same key); every NaN gets one key above the
 infinity's, so NaN ranks largest as in ``torch.topk``. The K-th largest key of a channel is found by an
 MSB-first radix select over 8-bit digits (one histogram pass, then passes over a shrinking set of
-candidates), or by quickselect for rows of at most 512 positions, where radix select's 256-bin passes
-cost more than the row itself. A channel with at most K non-zeros needs no selection at all (threshold
-0). One final pass writes the masked values and/or the boolean mask, following the tie rule of ``ops.py``.
+candidates). A channel with at most K non-zeros needs no selection at all (threshold 0). One final pass
+writes the masked values and/or the boolean mask (only what the caller asks for), following the tie
+rule of ``ops.py``.
 
 The kernel is plain C (no torch headers), compiled on first use with the system C compiler into a
 cache directory (``$TOPK_PLUGIN_CACHE``, default ``~/.cache/topk_plugin``) and loaded with ``ctypes``,
@@ -96,28 +96,6 @@ static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, uint32_t top
     return prefix;
 }
 
-/* The need-th largest of a[0..n) by quickselect with a three-way partition (equal keys, common after a
-   ReLU, never make it quadratic); a is permuted. Short rows: cheaper than radix select's 256-bin passes. */
-static uint32_t quick_select(uint32_t *a, i64 n, i64 need) {
-    i64 lo = 0, hi = n - 1;
-    const i64 want = need - 1;  /* index in descending order */
-    while (lo < hi) {
-        const uint32_t p0 = a[lo], p1 = a[lo + (hi - lo) / 2], p2 = a[hi];  /* median of three */
-        const uint32_t pivot = p0 < p1 ? (p1 < p2 ? p1 : (p0 < p2 ? p2 : p0)) : (p0 < p2 ? p0 : (p1 < p2 ? p2 : p1));
-        i64 gt = lo, i = lo, lt = hi;  /* [lo, gt) > pivot, [gt, i) == pivot, (lt, hi] < pivot */
-        while (i <= lt) {
-            const uint32_t v = a[i];
-            if (v > pivot) { a[i++] = a[gt]; a[gt++] = v; }
-            else if (v < pivot) { a[i] = a[lt]; a[lt--] = v; }
-            else i++;
-        }
-        if (want < gt) hi = gt - 1;
-        else if (want > lt) lo = lt + 1;
-        else return pivot;
-    }
-    return a[lo];
-}
-
 /* Keep key k iff k >= lowest; y = kept ? x : +0. mask or y may be NULL (not wanted). restrict: a uint8
    mask store may not alias x or keys, which lets the contiguous loops vectorise. */
 #define WRITE_ROW(NAME, T)                                                                       \
@@ -143,8 +121,6 @@ static uint32_t quick_select(uint32_t *a, i64 n, i64 need) {
     }
 WRITE_ROW(write_row32, uint32_t)
 WRITE_ROW(write_row16, uint16_t)
-
-#define SHORT_ROW 512  /* rows up to this length select by quickselect, longer ones by radix select */
 
 /* Rows r = o * inner + i (o < outer, i < inner); element p < len of row r sits at
    offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike.
@@ -181,14 +157,7 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
             /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
             uint32_t t = 0;
             i64 room = count - nonzero, equal = len - nonzero;
-            if (nonzero > count && len <= SHORT_ROW) {
-                memcpy(keys + len, keys, sizeof(uint32_t) * (size_t)len);
-                t = quick_select(keys + len, len, count);
-                i64 above = 0;
-                equal = 0;
-                for (i64 p = 0; p < len; p++) { above += keys[p] > t; equal += keys[p] == t; }
-                room = count - above;
-            } else if (nonzero > count) {
+            if (nonzero > count) {
                 t = radix_select(keys, len, count, top, wide ? 31 : 15, keys + len, keys + 2 * len, &room, &equal);
             }
             /* room == 0 only when exactly `count` non-zeros: then 0 is below the K-th largest. */

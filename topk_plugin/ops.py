@@ -22,7 +22,7 @@ import numbers
 
 import torch
 
-from ._library import KINDS, TIES, check_choice, check_layout, check_prefix, ranked_positions
+from ._library import KINDS, TIES, check_choice, check_layout, check_prefix, check_prefix_fits, ranked_positions
 
 
 def check_k(k) -> None:
@@ -56,11 +56,11 @@ def _resolve(x, k, kind, ties, num_prefix_tokens, where=""):
     check_choice("kind", kind, KINDS)
     check_choice("ties", ties, TIES)
     check_k(k)
-    check_layout(x, kind, 0, where)
+    check_layout(x, kind, where)
     prefix = prefix_tokens(x, kind, num_prefix_tokens)
-    check_layout(x, kind, prefix, where)
-    positions = ranked_positions(x, kind, prefix)
-    return max(1, keep_count(k, positions)), prefix  # an empty map has nothing to rank: any count >= 1 is exact
+    check_prefix_fits(x, prefix, where)
+    # an empty map keeps 0 of 0 positions; the ops take any count >= 1 for it
+    return max(1, keep_count(k, ranked_positions(x, kind, prefix))), prefix
 
 
 def topk_mask(x: torch.Tensor, k, *, kind: str = "spatial", ties: str = "first",
