@@ -19,6 +19,7 @@ from torch import nn
 from torchvision import datasets, transforms
 
 from . import optional
+from .images import UnreadableImage, read_image
 from .imagenet16 import CATEGORIES, IMAGENET_MEAN, IMAGENET_STD, decide
 from .shape_bias import COLUMNS, stimulus_cues
 
@@ -58,13 +59,10 @@ def _progress(iterable, desc: str, enabled: bool):
 
 def _decode(path: str | Path) -> torch.Tensor:
     """One stimulus as uint8 (3, 224, 224), decoded as the benchmark's PIL loader does."""
-    from PIL import Image
-
     try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")  # convert() decodes every pixel: a truncated file fails here
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
-        raise UnreadableStimulus(f"cannot decode stimulus {path}: {err}") from None
+        image = read_image(path)
+    except UnreadableImage as err:
+        raise UnreadableStimulus(f"stimulus: {err}") from None
     if image.size != (IMAGE_SIZE, IMAGE_SIZE):
         image = _RESIZE(image)
     return transforms.functional.pil_to_tensor(image)

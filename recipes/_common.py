@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from topk_plugin.integrations import images
 from topk_plugin.ops import check_k
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -164,10 +165,16 @@ def prepare_out(out: Path | str, *, resume: bool = False, overwrite: bool = Fals
         raise SystemExit("--resume and --overwrite contradict each other; choose one")
     contents = sorted(out.iterdir()) if out.is_dir() else []
     marker = out / RUN_MARKER
+    started_only = bool(contents) and marker.is_file() and {p.name for p in contents} <= {RUN_MARKER, CONFIG_FILE}
     if resume:
         if not marker.is_file():
             raise SystemExit(f"--resume: {out} holds no run of these recipes (no {RUN_MARKER}); drop --resume to start one")
+        if started_only:
+            raise SystemExit(f"--resume: {out} holds no results to resume (the run stopped before writing any); "
+                             "drop --resume to start it again")
         return out
+    if started_only:  # a run that stopped before writing anything (bad weights, a bad image): nothing to lose
+        overwrite = True
     if contents:
         if not overwrite:
             shown = ", ".join(p.name for p in contents[:5]) + (", ..." if len(contents) > 5 else "")
@@ -302,15 +309,11 @@ class UnreadableImage(SystemExit):
 
 def read_image(path: Path, mode: str = "RGB"):
     """The image at ``path``, fully decoded and converted to ``mode``; ``UnreadableImage`` names a bad file."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert(mode)
-    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as err:
-        raise UnreadableImage(f"cannot read image {path}: {err} "
-                              "(re-create or remove it; recipes that read folders take --skip-bad-images)") from None
+        return images.read_image(path, mode)
+    except images.UnreadableImage as err:
+        raise UnreadableImage(f"{err} (re-create or remove it; recipes that read folders take --skip-bad-images)"
+                              ) from None
 
 
 def image_files(folder: Path, *, recursive: bool = False, what: str | None = None) -> list[Path]:

@@ -36,7 +36,7 @@ import torchvision.transforms.functional as TF
 from torchvision.utils import save_image
 from tqdm import tqdm
 
-from topk_plugin import TopKSpec, is_sparsified, preset_names, sparsify, topk_layers, topk_mask
+from topk_plugin import TopKSpec, get_preset, is_sparsified, parse_spec, sparsify, topk_layers, topk_mask
 from topk_plugin.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
 from topk_plugin.integrations.fidelity import (FEATURE_LAYERS, PROTOCOLS, InceptionWeightsUnavailable, draw_images,
                                                fid_kid, resolve_inception_weights)
@@ -45,17 +45,17 @@ from topk_plugin.recipes._common import (SHARED_DATA, UnreadableImage, apply_smo
                                          positive_int, prepare_out, pyplot, read_image, recipe_parser, require_dir,
                                          resolve_device, save_config, save_figure, seed_everything,
                                          warn_meaningless, write_csv, write_json)
-from topk_plugin.recipes.fastgan_models import (OUTPUTS, PAPER_K, PAPER_POLICY, SE_GATES, TOPK_POSITION,
-                                                Discriminator, GeneratorConfig, crop_part, diff_augment,
-                                                small_size, upstream_generator_config, upstream_generator_state,
-                                                upstream_key_map)
+from topk_plugin.recipes.fastgan_models import (OUTPUTS, PAPER_POLICY, SE_GATES, Discriminator, GeneratorConfig,
+                                                crop_part, diff_augment, small_size, upstream_generator_config,
+                                                upstream_generator_state, upstream_key_map)
 
 CHECKPOINT_FORMAT = "topk_plugin.fastgan/2"
 PAPER_KS = "0.02,0.05,0.07,0.1,0.15,0.2,0.5"
 RESIZES = ("stretch", "crop")
 SMOKE = dict(size=64, ngf=8, ndf=8, nz=32, iters=6, batch_size=2, eval_every=3, n_samples=8, n_real=8,
              fid_features="64", grid=4, ks=[0.05, 0.15], seeds="0", n=8)
-MAP_IMAGES, MAP_CHANNELS, MAP_ROWS = 2, 6, 8
+MAP_IMAGES, MAP_CHANNELS, MAP_ROWS, MAP_GAP = 2, 6, 8, 2
+MAP_GAP_COLOUR = torch.tensor([70, 130, 180], dtype=torch.uint8)  # neither black nor white: maps stay readable
 MODEL_FIELDS = ("size", "ngf", "nz", "noise", "se_gate", "output", "topk", "k")
 
 
@@ -123,8 +123,9 @@ def build_parser():
                        help="'fastgan': raw generator outputs at 256/512 px, tanh at 1024 (official and fork); "
                             "'tanh': tanh at every size")
     model.add_argument("--topk", default="none",
-                       help="'none' (dense), 'paper' (Top-K after feat_32, 5%%: the fork's --sparse_hw_info 32_5), "
-                            "comma-separated module names ('feat_32,feat_64'), or a JSON dict of TopKSpec fields")
+                       help="'none' (dense), or a spec as topk_plugin.parse_spec reads it: 'paper' (the core "
+                            "preset: Top-K after feat_32, 5%%, the fork's --sparse_hw_info 32_5), module names "
+                            "('feat_32,feat_64'), or JSON (TopKSpec fields, a list of them, or of positions)")
     model.add_argument("--k", type=parse_k, default=None,
                        help="override the spec's k: a fraction kept (table: 0.15) or an integer count")
     train = parser.add_argument_group("train")
@@ -214,32 +215,17 @@ def load_images(folder: Path, size: int, *, resize: str = "stretch", limit: int 
     return torch.stack(images)
 
 
-def parse_topk(value: str):
-    """``--topk`` as something ``sparsify`` takes, or ``None`` for a dense generator."""
-    if value == "none":
-        return None
-    if value == "paper":  # the fork's --sparse_hw_info 32_5: Top-K on the 32x32 block's output
-        return TopKSpec([TOPK_POSITION], k=PAPER_K)
-    if value.lstrip().startswith("{"):
-        try:
-            return json.loads(value)
-        except json.JSONDecodeError as err:
-            raise SystemExit(f"--topk {value!r} is not valid JSON: {err}") from None
-    if value in preset_names():
-        return value
-    return [name.strip() for name in value.split(",") if name.strip()]
-
-
 def build_generator(config: GeneratorConfig, topk: str, k) -> torch.nn.Module:
+    """The generator of ``config``, dense for ``topk="none"``, else sparsified by the spec ``topk`` (read by
+    ``topk_plugin.parse_spec``; ``"paper"`` is the core FastGAN preset) with ``k`` overriding its K."""
     try:
         generator = config.build()
     except ValueError as err:
         raise SystemExit(f"generator: {err}") from None
-    spec = parse_topk(topk)
-    if spec is None:
+    if topk == "none":
         return generator
     try:
-        return sparsify(generator, spec, k=k)
+        return sparsify(generator, parse_spec(topk), k=k)
     except ValueError as err:
         raise SystemExit(f"--topk {topk!r}: {err}") from None
 
@@ -250,10 +236,16 @@ def describe_topk(generator: torch.nn.Module) -> str:
     return "Top-K " + ", ".join(f"{p} k={layer.k:g} ({layer.mode})" for p, layer in topk_layers(generator).items())
 
 
+def paper_topk(generator: torch.nn.Module) -> TopKSpec:
+    """The paper's Top-K for the FastGAN generator: the core preset ``"paper"`` (``feat_32``, 5%)."""
+    return get_preset("paper", generator).spec
+
+
 def map_k(generator: torch.nn.Module) -> float:
-    """K of the Top-K maps: the model's own at ``feat_32``, else the paper's (5%) for a dense model."""
+    """K of the Top-K maps: the model's own at the paper's position, else the paper's K for a dense model."""
+    paper = paper_topk(generator)
     layers = topk_layers(generator) if is_sparsified(generator) else {}
-    return layers[TOPK_POSITION].k if TOPK_POSITION in layers else PAPER_K
+    return layers[paper.positions[0]].k if paper.positions[0] in layers else paper.k
 
 
 def reconstruction_loss(weights: str | None, device: torch.device):
@@ -343,9 +335,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def feat32_maps(generator: torch.nn.Module, z: torch.Tensor, k: float) -> dict:
-    """Generated images and the binary Top-K maps (``topk_mask``) of the first channels of ``feat_32``."""
-    captured = {}
-    handle = generator.get_submodule(TOPK_POSITION).register_forward_hook(
+    """Generated images and the binary Top-K maps (``topk_mask``) of the first channels at the paper's
+    position (``feat_32``)."""
+    captured, position = {}, paper_topk(generator).positions[0]
+    handle = generator.get_submodule(position).register_forward_hook(
         lambda module, args, output: captured.update(feat=output))
     try:
         with torch.no_grad():
@@ -353,32 +346,46 @@ def feat32_maps(generator: torch.nn.Module, z: torch.Tensor, k: float) -> dict:
     finally:
         handle.remove()
     masks = topk_mask(captured["feat"][:, :MAP_CHANNELS].float(), k)
-    return {"images": to_uint8(images), "masks": masks.cpu(), "k": k}
+    return {"images": to_uint8(images), "masks": masks.cpu(), "k": k, "position": position}
+
+
+def _map_strip(entry: dict) -> torch.Tensor:
+    """One evaluation as one RGB strip: per image, its sample then its channels' maps (white: kept), each
+    map enlarged (nearest) to the sample's size, cells parted by coloured gaps."""
+    images, masks = entry["images"], entry["masks"]
+    size = images.shape[-1]
+    gap = MAP_GAP_COLOUR.view(3, 1, 1).expand(3, size, MAP_GAP)
+    cells = []
+    for image, image_masks in zip(images, masks):
+        maps = F.interpolate(image_masks[:, None].float(), size=(size, size), mode="nearest") * 255
+        cells += [image, *maps.to(torch.uint8).expand(-1, 3, -1, -1)]
+    return torch.cat([part for cell in cells for part in (cell, gap)][:-1], dim=2)
 
 
 def plot_topk_maps(map_dir: Path, stem: Path) -> list[Path]:
-    """Grid: one row per evaluation (at most ``MAP_ROWS``), per image its sample then its channels' maps."""
+    """Grid: one row per evaluation (at most ``MAP_ROWS``), per image its sample then its channels' maps,
+    drawn as one image (one axes, not one per cell: the figure is written at every run's end)."""
     plt = pyplot()
     files = sorted(map_dir.glob("iter_*.pt"))
     if len(files) > MAP_ROWS:
         files = [files[round(i * (len(files) - 1) / (MAP_ROWS - 1))] for i in range(MAP_ROWS)]
     entries = [(int(p.stem.split("_")[1]), torch.load(p)) for p in files]
+    strips = [_map_strip(entry) for _, entry in entries]
+    height, width = strips[0].shape[1:]
+    gap = MAP_GAP_COLOUR.view(3, 1, 1).expand(3, MAP_GAP, width)
+    mosaic = torch.cat([part for strip in strips for part in (strip, gap)][:-1], dim=1)
     n_img, n_ch = entries[0][1]["masks"].shape[:2]
-    fig, axes = plt.subplots(len(entries), n_img * (1 + n_ch), figsize=(n_img * (1 + n_ch) * 0.9,
-                                                                         len(entries) * 0.95 + 0.5), squeeze=False)
-    for row, (iteration, entry) in enumerate(entries):
-        for i in range(n_img):
-            base = i * (1 + n_ch)
-            axes[row, base].imshow(entry["images"][i].permute(1, 2, 0).numpy())
-            for c in range(n_ch):
-                axes[row, base + 1 + c].imshow(entry["masks"][i, c].numpy(), cmap="gray", vmin=0, vmax=1)
-                if row == 0:
-                    axes[row, base + 1 + c].set_title(f"ch {c}", fontsize=7)
-        axes[row, 0].set_ylabel(f"it {iteration}", fontsize=7)
-    for ax in axes.flat:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.suptitle(f"Top-K maps of {TOPK_POSITION} (32x32, K={entries[0][1]['k']:.0%}) over training", fontsize=9)
+    cell = height + MAP_GAP
+    fig, ax = plt.subplots(figsize=(n_img * (1 + n_ch) * 0.9, len(entries) * 0.95 + 0.6))
+    ax.imshow(mosaic.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.xaxis.tick_top()
+    ax.set_xticks([i * cell + height / 2 for i in range(n_img * (1 + n_ch))],
+                  [f"image {i // (1 + n_ch)}" if i % (1 + n_ch) == 0 else f"ch {i % (1 + n_ch) - 1}"
+                   for i in range(n_img * (1 + n_ch))], fontsize=7)
+    ax.set_yticks([i * cell + height / 2 for i in range(len(entries))], [f"it {it}" for it, _ in entries], fontsize=7)
+    ax.tick_params(length=0)
+    first = entries[0][1]
+    fig.suptitle(f"Top-K maps of {first['position']} (K={first['k']:.0%}, white: kept) over training", fontsize=9)
     return save_figure(fig, stem)
 
 
@@ -742,7 +749,7 @@ def plot_sweep(rows: list[dict], stem: Path, name: str) -> list[Path]:
     if dense:
         ax.axhline(float(np.mean(dense)), color="gray", linestyle="--", label="dense")
     ax.set_xscale("log")
-    ax.set_xlabel("K (% kept at feat_32)")
+    ax.set_xlabel("K (% kept per channel)")
     ax.set_ylabel("best FID")
     ax.set_title(f"FastGAN K ablation, {name}", fontsize=9)
     ax.legend()

@@ -7,7 +7,8 @@ injection and an auxiliary 128 px output; a discriminator whose 8x8 feature and 
 16x16 feature are decoded back to images (its self-supervised reconstruction loss); DiffAugment.
 
 Generator blocks are named by the resolution they output (``feat_8`` ... ``feat_1024``), as in the
-official code, so the paper's Top-K position is ``feat_32``. Where the two upstream codes differ the
+official code, so the paper's Top-K position is ``feat_32`` (the core preset ``"paper"``:
+``sparsify(generator, "paper")``, 5% kept). Where the two upstream codes differ the
 choice is a constructor argument (``GeneratorConfig`` field); the defaults are the fork's (the paper's):
 
 * ``se_gate``: ``"none"`` -- the fork's SLE multiplies by the raw 1x1-conv output (its ``nn.Sigmoid``
@@ -40,8 +41,6 @@ OUTPUTS = ("fastgan", "tanh")
 GEN_WIDTH = {4: 16, 8: 8, 16: 4, 32: 2, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}
 DISC_WIDTH = {4: 16, 8: 16, 16: 8, 32: 4, 64: 2, 128: 1, 256: 0.5, 512: 0.25, 1024: 0.125}
 DECODER_BASE = 32  # the discriminator's decoders have a fixed width in the official code, whatever ndf is
-TOPK_POSITION = "feat_32"
-PAPER_K = 0.05
 
 
 def check_size(size: int) -> int:

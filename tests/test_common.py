@@ -130,3 +130,12 @@ def test_resolve_device_names_bad_values(name):
         pytest.skip("this machine has that device")
     with pytest.raises(SystemExit, match=name):
         common.resolve_device(name)
+
+
+def test_a_run_that_stopped_before_writing_results_leaves_a_reusable_folder(tmp_path):
+    out = common.prepare_out(tmp_path / "run")
+    common.save_config(out, {"k": 0.1})  # then the run died: wrong weights, a bad image...
+    assert common.prepare_out(out) == out
+    assert not (out / common.CONFIG_FILE).exists()
+    with pytest.raises(SystemExit, match="holds no results to resume"):
+        common.prepare_out(out, resume=True)
