@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch_fidelity
 from PIL import Image
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
@@ -60,10 +61,11 @@ def test_identical_sets_score_zero_and_different_sets_do_not(tmp_path, inception
 
 
 def test_standard_2048_features_from_a_generator(inception_weights):
+    # the one test of the full network and the 2048x2048 FID eigenproblem (several seconds whatever the set size)
     generator = TinyGenerator().train()
-    result = fid_kid(generator, _images(5, 3), weights_path=inception_weights, nz=4, num_samples=5,
+    result = fid_kid(generator, _images(3, 3), weights_path=inception_weights, nz=4, num_samples=3,
                      kid_subset_size=1000)
-    assert result["features"] == "2048" and result["num_generated"] == 5 and result["num_real"] == 5
+    assert result["features"] == "2048" and result["num_generated"] == 3 and result["num_real"] == 3
     assert math.isfinite(result["fid"]) and result["fid"] > 0
     assert math.isfinite(result["kid"]) and math.isfinite(result["kid_std"])
     assert generator.training  # put back in the mode it came in
@@ -75,6 +77,47 @@ def test_generated_samples_are_reproducible_for_a_seed(inception_weights):
             for s in (7, 7, 8)]
     assert runs[0]["fid"] == pytest.approx(runs[1]["fid"], rel=1e-6)
     assert runs[0]["fid"] != pytest.approx(runs[2]["fid"], rel=1e-6)
+
+
+def _torch_fidelity(input1, input2, weights, **options):
+    """torch-fidelity's own pipeline (its extractor built anew, nothing kept between calls), at layer 64."""
+    metrics = torch_fidelity.calculate_metrics(
+        input1=input1, input2=input2, fid=True, kid=True, feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(weights), feature_layer_fid="64", feature_layer_kid="64",
+        samples_find_deep=True, samples_find_ext=fidelity.IMAGE_EXTENSIONS, batch_size=32, cuda=False,
+        save_cpu_ram=True, cache=False, verbose=False, **options)
+    return [metrics[k] for k in ("frechet_inception_distance", "kernel_inception_distance_mean",
+                                 "kernel_inception_distance_std")]
+
+
+def _scores(result):
+    return [result[k] for k in ("fid", "kid", "kid_std")]
+
+
+def test_kept_extractor_and_reference_features_give_torch_fidelity_s_scores(tmp_path, inception_weights):
+    real, generated, generator = _images(6, 11), _images(5, 12), TinyGenerator()
+    folder = _folder(tmp_path / "real", real)
+    options = dict(weights_path=inception_weights, features="64", seed=3)
+    fidelity.clear_caches()
+    first = fid_kid(generated, folder, **options)
+    again = fid_kid(generated, folder, **options)  # the reference's features kept from the first call
+    assert _scores(first) == _scores(again) == _torch_fidelity(
+        fidelity._Uint8Images(generated), str(folder), inception_weights, kid_subset_size=5, rng_seed=3)
+    sampled = fid_kid(generator, folder, nz=4, num_samples=5, **options)
+    assert _scores(sampled) == _torch_fidelity(
+        torch_fidelity.GenerativeModelModuleWrapper(fidelity._ToUint8(generator), 4, "normal", 0), str(folder),
+        inception_weights, input1_model_num_samples=5, kid_subset_size=5, rng_seed=3)
+    paper = fid_kid(generated, real, protocol="paper", **options)
+    assert _scores(paper) == _torch_fidelity(
+        fidelity._Uint8Images(fidelity.fork_uint8(generated / 255)),
+        fidelity._Uint8Images(fidelity.fork_uint8(real / 255)), inception_weights, kid_subset_size=5, rng_seed=3)
+    assert fidelity._extractor.cache_info().misses == 1  # one Inception for every call
+    # a changed reference is never scored from features kept for its old content
+    Image.fromarray(generated[0].permute(1, 2, 0).numpy()).save(folder / "0.png")
+    real[0] = generated[0]
+    assert _scores(fid_kid(generated, folder, **options)) == _torch_fidelity(
+        fidelity._Uint8Images(generated), str(folder), inception_weights, kid_subset_size=5, rng_seed=3)
+    assert _scores(fid_kid(generated, real, protocol="paper", **options)) != _scores(paper)
 
 
 @pytest.mark.parametrize("bad, message", [
