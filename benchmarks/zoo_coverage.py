@@ -34,6 +34,7 @@ import dataclasses
 import datetime
 import os
 import platform
+import re
 import signal
 import sys
 import time
@@ -68,8 +69,11 @@ DENSE_PREDICTION = {
     "deeplabv3_mobilenet_v3_large": "segment", "lraspp_mobilenet_v3_large": "segment",
     "fasterrcnn_mobilenet_v3_large_320_fpn": "detect",
 }
-BIG_NAMES = ("large", "huge", "giant", "gigantic", "xlarge", "xxlarge", "_big", "_base", "_medium", "_l_", "_g_",
-             "_h_", "_e_")
+#: words timm uses for a model's size, smallest first; a name with none of them ranks in the middle
+SIZE_WORDS = ("test", "atto", "femto", "pico", "nano", "xxxs", "xxs", "tiny", "xs", "mini", "small", "lite", "",
+              "medium", "base", "large", "xlarge", "huge", "giant", "gigantic")
+#: how many names per timm family are counted (built on the meta device), the smallest by name first
+COUNTED_PER_FAMILY = 6
 # Relative output change (max |sparse - dense| / max |dense|) below which the output counts as unchanged:
 # a Top-K that changed nothing leaves the very same computation, hence a change of exactly 0.
 NO_CHANGE = 1e-6
@@ -136,20 +140,30 @@ def _count_on_meta(build: Callable[[], nn.Module]) -> int | None:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return sum(p.numel() for p in build().parameters())
-    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is ranked by a real build
+    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is not ranked
         return None
 
 
-def timm_smallest_per_family() -> list[ZooModel]:
-    """The smallest model (parameters, counted on the meta device) of every timm module."""
+def name_size_rank(name: str) -> tuple:
+    """How small a timm name says its model is: the smallest size word in it, then its numbers (depth, width)."""
+    tokens = re.split(r"[_.\-]", name.lower())
+    words = [SIZE_WORDS.index(t) for t in tokens if t in SIZE_WORDS]
+    word = min(words) if words else SIZE_WORDS.index("")
+    return word, [int(n) for n in re.findall(r"\d+", name)], name
+
+
+def timm_smallest_per_family(counted: int = COUNTED_PER_FAMILY) -> list[ZooModel]:
+    """Per timm module: the fewest parameters among the ``counted`` names that ``name_size_rank`` ranks smallest.
+
+    Counting a model builds it on the meta device (0.02-1 s); counting all ~1400 took too long on a shared
+    machine, and the name ranks the family's small members first (``test_*``, ``*_atto``, ``resnet10t``).
+    """
     import timm
 
     chosen = []
     for family in tqdm(timm.list_modules(), desc="timm families", unit="family"):
-        names = timm.list_models(module=family)
-        # counting builds every model (on meta, still ~1 s each here): skip the names that say they are big
-        small = [n for n in names if not any(word in n for word in BIG_NAMES)] or names
-        sized = [(_count_on_meta(lambda n=name: timm.create_model(n)), name) for name in small]
+        names = sorted(timm.list_models(module=family), key=name_size_rank)[:counted]
+        sized = [(_count_on_meta(lambda n=name: timm.create_model(n)), name) for name in names]
         sized = [(count, name) for count, name in sized if count is not None]
         if sized:
             count, name = min(sized)
@@ -286,9 +300,9 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class CheckFailed(Exception):
-    def __init__(self, check: str, cause: str, status: str = "fail"):
+    def __init__(self, check: str, cause: str):
         super().__init__(f"{check}: {cause}")
-        self.check, self.status = check, status
+        self.check = check
 
 
 def _measured_output(model: nn.Module, task: Task, x: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -331,7 +345,7 @@ def check_method(entry: ZooModel, dense: Dense, method: str, hooks_output: torch
         row["output"] = output
         if output.shape != dense.output.shape:
             raise CheckFailed("shape", f"output {tuple(output.shape)} vs dense {tuple(dense.output.shape)}")
-        change = _relative(output, dense.output)
+        change, damped = _relative(output, dense.output), ""
         zeroed = [p for p, n in removed.items() if n is not None and n > 0]
         unreached = [p for p, n in removed.items() if n is None]
         row["rel_change"], row["zeroed"] = f"{change:.2e}", f"{len(zeroed)}/{len(removed)}"
@@ -339,9 +353,10 @@ def check_method(entry: ZooModel, dense: Dense, method: str, hooks_output: torch
             if unreached or not zeroed:
                 raise CheckFailed("effect", f"output unchanged; Top-K not reached at {unreached[:3]}" if unreached
                                   else "output unchanged; no Top-K layer removed a non-zero entry")
-            raise CheckFailed("effect", f"output change {change:.1e} though {len(zeroed)}/{len(removed)} Top-K "
-                                        "layers removed non-zero entries: the random-init model damps it "
-                                        "(LayerScale, zero-initialised residual branches, vanishing activations)", status="limitation")
+            # the Top-K worked; the model hides it. The other checks still run: a limitation passes all of them
+            damped = (f"effect: output change {change:.1e} though {len(zeroed)}/{len(removed)} Top-K layers removed "
+                      "non-zero entries: the random-init model damps it (LayerScale, zero-initialised residual "
+                      "branches, vanishing activations)")
         if method != "hooks" and hooks_output is not None:
             gap = _relative(output, hooks_output)
             row["fx_vs_hooks"] = f"{gap:.1e}"
@@ -362,8 +377,10 @@ def check_method(entry: ZooModel, dense: Dense, method: str, hooks_output: torch
             restored = task.output(back, dense.x)
         if restored.shape != dense.output.shape or _relative(restored, dense.output) > SAME:
             raise CheckFailed("desparsify", "the desparsified model's output is not the dense output")
+        if damped:
+            row["status"], row["cause"] = "limitation", damped
     except CheckFailed as failed:
-        row["status"], row["cause"] = failed.status, str(failed)
+        row["status"], row["cause"] = "fail", str(failed)
     return row
 
 

@@ -13,7 +13,7 @@ import torchvision
 from torch import nn
 
 from topk_plugin import TopK, sparsify, topk_layers, topk_mask
-from topk_plugin._onnx import onnx_translation_table
+from topk_plugin import onnx_translation_table
 from topk_plugin.ops import MODES, TIES, topk_and_mask
 
 

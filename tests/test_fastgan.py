@@ -7,9 +7,10 @@ import pandas as pd
 import pytest
 import torch
 
-from topk_plugin import keep_count
+from topk_plugin import keep_count, topk_layers
 from topk_plugin.integrations.fidelity import write_random_inception_weights
 from topk_plugin.recipes import fastgan
+from topk_plugin.recipes.fastgan_models import GeneratorConfig
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,15 @@ def inception(tmp_path_factory):
 @pytest.fixture(scope="module")
 def jeep(shared_data):
     return shared_data / "few-shot" / "jeep"
+
+
+@pytest.fixture(scope="module")
+def few(tmp_path_factory, jeep):
+    """Ten of the jeep images: runs that test the recipe's logic, not the data, load them in a tenth of the time."""
+    folder = tmp_path_factory.mktemp("few")
+    for path in sorted(jeep.iterdir())[:10]:
+        shutil.copyfile(path, folder / path.name)
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -76,24 +86,47 @@ def test_topk_maps_are_the_layer_masks_over_checkpoints(topk_run):
     assert masks.dtype == torch.bool and masks.shape[-2:] == (32, 32)
     assert (masks.flatten(2).sum(-1) == keep_count(0.05, 1024)).all()
     assert entry["images"].dtype == torch.uint8 and entry["images"].shape[-1] == 64
+    assert entry["position"] == "feat_32" and entry["k"] == 0.05  # the core preset's
 
 
-def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path, topk_run, jeep):
+@pytest.mark.parametrize("topk, expected", [
+    ("paper", {"feat_32": 0.05}),  # the core FastGAN preset
+    ("preset:paper", {"feat_32": 0.05}),
+    ("feat_32,feat_64", {"feat_32": 0.1, "feat_64": 0.1}),
+    ('[{"positions": ["feat_32"], "k": 0.2}, {"positions": ["feat_64"], "k": 0.3}]', {"feat_32": 0.2, "feat_64": 0.3}),
+])
+def test_topk_option_reads_the_core_spec_language(topk, expected):
+    generator = fastgan.build_generator(GeneratorConfig(64, 4, 8), topk, None)
+    assert {position: layer.k for position, layer in topk_layers(generator).items()} == expected
+
+
+@pytest.mark.parametrize("topk, message", [
+    ("feat_32,,feat_64", "empty position between commas"),
+    ('{"positions": ["feat_32"], "kk": 0.1}', r"unknown TopKSpec field\(s\) \['kk'\]"),
+    ("{feat_32", "not valid JSON"),
+    ("preset:nope", "unknown preset 'nope'"),
+])
+def test_a_bad_topk_is_named(topk, message):
+    with pytest.raises(SystemExit, match=r"--topk .*" + message):
+        fastgan.build_generator(GeneratorConfig(64, 4, 8), topk, None)
+
+
+def test_a_finished_run_is_never_mixed_with_a_new_one(tmp_path, topk_run, few):
     out = tmp_path / "run"
     shutil.copytree(topk_run[0], out)
     with pytest.raises(SystemExit, match="already holds an earlier run.*--resume.*--overwrite"):
-        _train(out, jeep, "--iters", "2")
-    _train(out, jeep, "--iters", "3", "--eval-every", "3", "--overwrite")
+        _train(out, few, "--iters", "2")
+    _train(out, few, "--iters", "3", "--eval-every", "3", "--overwrite")
     assert sorted(p.name for p in (out / "grids").iterdir()) == ["iter_000003.png"]  # the old grids are gone
     assert sorted(p.name for p in (out / "topk_maps").iterdir()) == ["iter_000000.pt", "iter_000003.pt"]
     assert json.loads((out / "config.json").read_text())["topk"] == "none" and not (out / "best.pt").exists()
     with pytest.raises(SystemExit, match="is a file"):
-        _train(out / "metrics.csv", jeep)
+        _train(out / "metrics.csv", few)
 
 
-def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, jeep, monkeypatch):
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, few, monkeypatch):
     args = ("--topk", "paper", "--iters", "3", "--eval-every", "2")
-    whole = _train(tmp_path / "whole", jeep, *args)
+    whole = _train(tmp_path / "whole", few, *args)
     real_update = fastgan.update_ema
     calls = []
 
@@ -105,9 +138,9 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tmp_path, jeep,
 
     monkeypatch.setattr(fastgan, "update_ema", killed_in_iteration_three)
     with pytest.raises(KeyboardInterrupt):
-        _train(tmp_path / "cut", jeep, *args)
+        _train(tmp_path / "cut", few, *args)
     monkeypatch.setattr(fastgan, "update_ema", real_update)
-    resumed = _train(tmp_path / "cut", jeep, *args, "--resume")
+    resumed = _train(tmp_path / "cut", few, *args, "--resume")
     assert resumed["iterations"] == whole["iterations"] == 3 and resumed["iterations_run"] == 3
     assert [h["iteration"] for h in resumed["history"]] == [2, 3]
     for name in ("g", "g_ema", "d", "opt_g", "sampler"):
@@ -140,7 +173,7 @@ def test_resume_refuses_a_conflicting_option_and_a_truncated_checkpoint(tmp_path
         _train(out, jeep, "--iters", "7", "--resume")
 
 
-def test_rollback_returns_to_the_best_checkpoint(tmp_path, jeep, monkeypatch, inception):
+def test_rollback_returns_to_the_best_checkpoint(tmp_path, few, monkeypatch, inception):
     fids = iter([5.0, 6.0, 7.0, 4.0, 8.0])
 
     def scripted(*args, **kwargs):
@@ -148,7 +181,7 @@ def test_rollback_returns_to_the_best_checkpoint(tmp_path, jeep, monkeypatch, in
         return {"fid": fid, "kid": fid / 100, "kid_std": 0.0, "fid_repeats": [fid]}
 
     monkeypatch.setattr(fastgan, "fid_kid", scripted)
-    summary = fastgan.main(["train", "--smoke", "--data", str(jeep), "--out", str(tmp_path / "run"),
+    summary = fastgan.main(["train", "--smoke", "--data", str(few), "--out", str(tmp_path / "run"),
                             "--inception-weights", str(inception), "--iters", "3", "--eval-every", "1",
                             "--rollback-patience", "2", "--max-rollbacks", "1"])
     history = summary["history"]
@@ -201,10 +234,10 @@ def test_sample_and_eval_from_the_run(tmp_path, topk_run, inception, jeep):
     assert from_ckpt["num_generated"] == 8 and from_ckpt["protocol"] == "standard" and math.isfinite(from_ckpt["fid"])
 
 
-def test_sweep_table_and_resume_reuses_finished_runs(tmp_path, jeep):
+def test_sweep_table_and_resume_reuses_finished_runs(tmp_path, few):
     out = tmp_path / "sweep"
     spec = json.dumps({"positions": ["feat_32"], "k": 0.1, "mode": "topk"})
-    argv = ["sweep", "--smoke", "--no-metrics", "--data", str(jeep), "--out", str(out), "--iters", "2",
+    argv = ["sweep", "--smoke", "--no-metrics", "--data", str(few), "--out", str(out), "--iters", "2",
             "--eval-every", "2", "--ks", "0.5", "--topk", spec]
     rows = fastgan.main(argv)
     assert [r["method"] for r in rows] == ["dense", "topk_0.5"]

@@ -4,10 +4,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topk_plugin import TopKSpec, desparsify, keep_count, list_presets, sparsify
+from topk_plugin import desparsify, keep_count, list_presets, sparsify, topk_layers
 from topk_plugin.checkpoints import CheckpointError, load_checkpoint
 from topk_plugin.recipes import fastgan_models
-from topk_plugin.recipes.fastgan_models import (PAPER_K, Discriminator, Generator, GeneratorConfig, NoiseInjection,
+from topk_plugin.recipes.fastgan_models import (Discriminator, Generator, GeneratorConfig, NoiseInjection,
                                                 SkipLayerExcitation, crop_part, diff_augment, small_size,
                                                 upstream_generator_config, upstream_generator_state,
                                                 upstream_key_map)
@@ -38,10 +38,11 @@ def test_crop_part_quadrants():
     assert crop_part(x, 3).flatten().tolist() == [10, 11, 14, 15]
 
 
-def test_topk_after_feat_32_keeps_k_per_channel_and_no_state():
+def test_paper_preset_puts_topk_after_feat_32_keeping_k_per_channel_and_no_state():
     generator = Generator(64, ngf=4, nz=8).eval()
-    sparse = sparsify(generator, TopKSpec(["feat_32"], k=PAPER_K))
-    assert keep_count(PAPER_K, 32 * 32) == 51  # the fork: max(int(0.05 * 32 * 32), 1)
+    sparse = sparsify(generator, "paper")  # the core preset, found from the generator itself
+    assert {p: (layer.k, layer.mode) for p, layer in topk_layers(sparse).items()} == {"feat_32": (0.05, "topk")}
+    assert keep_count(0.05, 32 * 32) == 51  # the fork: max(int(0.05 * 32 * 32), 1)
     seen = {}
     sparse.get_submodule("feat_64.0").register_forward_hook(lambda m, args, out: seen.update(x=args[0]))
     with torch.no_grad():
@@ -113,7 +114,8 @@ def test_noise_injection_is_switchable():
 
 def _sn(state, prefix, shape, out_dim=0, g=None):
     weight = torch.randn(shape, generator=g) * 0.2
-    left, _, right = torch.linalg.svd(weight.transpose(0, out_dim).flatten(1))  # converged power iteration
+    # a converged power iteration: the top singular vectors (the reduced SVD has them, in a fraction of the time)
+    left, _, right = torch.linalg.svd(weight.transpose(0, out_dim).flatten(1), full_matrices=False)
     state[prefix + ".weight_orig"] = weight
     state[prefix + ".weight_u"], state[prefix + ".weight_v"] = left[:, 0], right[0]
 

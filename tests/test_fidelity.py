@@ -117,7 +117,7 @@ def test_kept_extractor_and_reference_features_give_torch_fidelity_s_scores(tmp_
     real[0] = generated[0]
     assert _scores(fid_kid(generated, folder, **options)) == _torch_fidelity(
         fidelity._Uint8Images(generated), str(folder), inception_weights, kid_subset_size=5, rng_seed=3)
-    assert _scores(fid_kid(generated, real, protocol="paper", **options)) != _scores(paper)
+    assert _scores(fid_kid(generated, real, protocol="paper", **options)) != _scores(paper)  # changed in place
 
 
 @pytest.mark.parametrize("bad, message", [

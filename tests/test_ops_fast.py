@@ -210,6 +210,7 @@ def test_unsupported_input_uses_torch_path():
 
 
 def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
+    monkeypatch.delenv("TOPK_PLUGIN_NO_EXT", raising=False)
     monkeypatch.setenv("TOPK_PLUGIN_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     with pytest.warns(RuntimeWarning, match="pure-torch"):

@@ -3,6 +3,7 @@
 Reproduces "Emergence of Shape Bias in Convolutional Neural Networks through Activation
 Sparsity" (Li, Wen, Li, Lee, NeurIPS 2023) as reusable model surgery.
 """
+from ._onnx import onnx_translation_table
 from ._fx import SparsifiedGraphModule, register_notrace_function, register_notrace_module
 from .checkpoints import CheckpointError, load_checkpoint, read_checkpoint, unwrap_state_dict
 from .layers import TopK
@@ -24,7 +25,7 @@ __all__ = [
     "sparsify", "desparsify", "set_k", "select_layers", "list_positions", "sparsity_report", "topk_layers",
     "is_sparsified", "parse_spec", "resolve_targets", "stage_ends", "find_stages",
     "register_notrace_module", "register_notrace_function",
-    "topk", "topk_mask", "keep_count",
+    "topk", "topk_mask", "keep_count", "onnx_translation_table",
     "register_preset", "unregister_preset", "get_preset", "list_presets", "preset_names",
     "create_model", "read_checkpoint", "unwrap_state_dict", "load_checkpoint", "CheckpointError",
 ]
