@@ -5,16 +5,19 @@
     python benchmarks/zoo_coverage.py --models resnet18,timm/vit_tiny_patch16_224 --out runs/zoo_two
     python benchmarks/zoo_coverage.py --out runs/zoo_coverage --resume        # after an interruption
 
-The zoo: the smallest model (by parameter count) of every timm family (timm module), every torchvision
-classification model, and a few torchvision segmentation / detection models. For each model and each
-``--methods`` entry it sparsifies a copy with ``"stage-ends"`` (probe and checks at ``--size`` pixels,
+The zoo: per timm family (timm module), the model with the fewest parameters among the ``COUNTED_PER_FAMILY``
+(6) names that rank smallest by name (size word: test < atto < ... < tiny < small < base < large, then the
+numbers in the name; every name counted in families of at most 6); every torchvision classification model; and
+a few torchvision segmentation / detection models; listed in zoo.csv (family, model, params). For each model and
+each ``--methods`` entry it sparsifies a copy with ``"stage-ends"`` (probe and checks at ``--size`` pixels,
 or at the model's own input size when the dense model cannot run at ``--size``) and checks, in order:
 
   build      ``sparsify`` raises nothing;
   shape      the eval output has the dense output's shape;
   effect     the output differs from the dense one. When it does not, the Top-K layers tell why: if
              every one was reached and zeroed entries, the model itself damps the change (random-init
-             LayerScale of 1e-5, vanishing activations): a ``limitation``, not a pass or a failure;
+             LayerScale of 1e-5, vanishing activations): a ``limitation`` if every later check passes,
+             not a pass; a Top-K that was not reached or removed nothing is a failure;
   fx=hooks   fx and auto outputs equal the hooks output;
   keys       ``state_dict`` keys identical to the dense model's;
   backward   a train-mode forward + backward gives a gradient to every parameter the dense model's does;
@@ -55,14 +58,17 @@ from topk_plugin.recipes._common import (check_resume_config, load_config, posit
 
 METHODS = ("fx", "hooks", "auto")
 STATUSES = ("pass", "limitation", "fail", "timeout", "skipped")
-#: a representative model per family for CI: CNNs, hybrids, channel-last maps, token models (small variants)
+#: a representative model per family for CI, each the smallest (or timm's ``test_*``) of its family: plain
+#: and residual CNNs, inverted residuals, Inception branches, dense connections, ConvNeXt, RegNet, hybrids,
+#: ViT with a class token, two prefix tokens, LayerScale, LeViT, Swin and other channel-last maps, Hiera,
+#: segmentation
 CI_MODELS = (
-    "torchvision/alexnet", "torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/squeezenet1_1",
-    "torchvision/shufflenet_v2_x0_5", "torchvision/googlenet", "torchvision/convnext_tiny", "torchvision/swin_t",
-    "torchvision/vit_b_32",
-    "timm/resnet10t", "timm/convnext_atto", "timm/efficientnet_lite0", "timm/mobilevit_xxs",
-    "timm/vit_tiny_patch16_224", "timm/deit_tiny_patch16_224", "timm/levit_128s", "timm/cait_xxs24_224",
-    "timm/hiera_tiny_224", "torchvision/deeplabv3_mobilenet_v3_large",
+    "torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/squeezenet1_1",
+    "torchvision/shufflenet_v2_x0_5", "torchvision/googlenet", "torchvision/densenet121",
+    "torchvision/regnet_x_400mf", "torchvision/lraspp_mobilenet_v3_large",
+    "timm/test_resnet", "timm/test_convnext", "timm/test_efficientnet", "timm/test_maxvit", "timm/test_mambaout",
+    "timm/mobilevit_xxs", "timm/test_vit", "timm/deit_tiny_distilled_patch16_224", "timm/cait_xxs24_224",
+    "timm/levit_128s", "timm/swin_tiny_patch4_window7_224", "timm/hiera_tiny_224",
 )
 #: torchvision models outside classification that the zoo adds (built with no backbone download)
 DENSE_PREDICTION = {
@@ -200,12 +206,18 @@ def _build(entry: ZooModel, kwargs: dict) -> nn.Module:
     return torchvision.models.get_model(bare, weights=None, weights_backbone=None, **extra, **kwargs)
 
 
-def _native_size(model: nn.Module) -> int | None:
+def _native_size(entry: ZooModel, model: nn.Module) -> int | None:
+    """The input side the model was made for: timm's ``pretrained_cfg``, else torchvision's weights crop."""
     cfg = getattr(model, "pretrained_cfg", None)
     if isinstance(cfg, dict) and cfg.get("input_size"):
         return int(cfg["input_size"][-1])
     size = getattr(model, "image_size", None)
-    return size if isinstance(size, int) else None
+    if isinstance(size, int):
+        return size
+    if entry.name.startswith("torchvision/") and entry.task == "classify":  # inception_v3: 299
+        weights = torchvision.models.get_model_weights(entry.name.rpartition("/")[2]).DEFAULT
+        return int(weights.transforms().crop_size[0])
+    return None
 
 
 def _candidates(entry: ZooModel, size: int):
@@ -267,7 +279,7 @@ def build_dense(entry: ZooModel, size: int, seed: int) -> Dense:
         try:
             torch.manual_seed(seed)
             model = _build(entry, kwargs).eval()
-            side = wanted or _native_size(model) or 224
+            side = wanted or _native_size(entry, model) or 224
             reinit = _reinit_zero_weights(model)
             generator = torch.Generator().manual_seed(seed)
             x = torch.randn(1, 3, side, side, generator=generator)
@@ -501,9 +513,16 @@ class ZooConfig:
             raise ValueError("no models to check")
 
 
-def _model_names(text: str | None, subset: str) -> list[str]:
+def _model_names(text: str | None, subset: str, out: Path | None = None) -> list[str]:
+    """The names to check; listing the whole zoo also writes it (family, model, parameters) to ``out/zoo.csv``."""
+    if text is None and subset == "ci":
+        return list(CI_MODELS)
     if text is None:
-        return list(CI_MODELS) if subset == "ci" else [e.name for e in timm_smallest_per_family() + torchvision_models()]
+        zoo = timm_smallest_per_family() + torchvision_models()
+        if out is not None:  # the listing is this run's first result: --resume continues from it
+            write_csv(out / "zoo.csv", [{"family": e.family, "model": e.name, "params": e.params or ""}
+                                        for e in zoo])
+        return [e.name for e in zoo]
     path = Path(text)
     if path.is_file():
         lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
@@ -550,7 +569,7 @@ def main(argv=None) -> dict:
     if args.resume and args.models is None:  # the zoo as listed when the run began (timm may have changed)
         models = load_config(out)["models"]
     else:
-        models = _model_names(args.models, args.families_subset)
+        models = _model_names(args.models, args.families_subset, out)
     config = ZooConfig(tuple(models), methods, args.size, args.seed, args.timeout, args.max_params)
     if args.resume:
         check_resume_config(out, config)

@@ -52,7 +52,7 @@ from topk_plugin.recipes.fastgan_models import (OUTPUTS, PAPER_POLICY, SE_GATES,
 CHECKPOINT_FORMAT = "topk_plugin.fastgan/2"
 PAPER_KS = "0.02,0.05,0.07,0.1,0.15,0.2,0.5"
 RESIZES = ("stretch", "crop")
-SMOKE = dict(size=64, ngf=8, ndf=8, nz=32, iters=6, batch_size=2, eval_every=3, n_samples=8, n_real=8,
+SMOKE = dict(size=64, ngf=8, ndf=8, nz=32, iters=6, batch_size=2, eval_every=3, n_samples=4, n_real=4,
              fid_features="64", grid=4, ks=[0.05, 0.15], seeds="0", n=8)
 MAP_IMAGES, MAP_CHANNELS, MAP_ROWS, MAP_GAP = 2, 6, 8, 2
 MAP_GAP_COLOUR = torch.tensor([70, 130, 180], dtype=torch.uint8)  # neither black nor white: maps stay readable
@@ -225,7 +225,7 @@ def build_generator(config: GeneratorConfig, topk: str, k) -> torch.nn.Module:
     if topk == "none":
         return generator
     try:
-        return sparsify(generator, parse_spec(topk), k=k)
+        return sparsify(generator, parse_spec(topk), k=k, inplace=True)  # no copy: the dense one is ours
     except ValueError as err:
         raise SystemExit(f"--topk {topk!r}: {err}") from None
 

@@ -193,6 +193,45 @@ def test_long_and_short_rows_with_ties_and_nan_match_reference_on_any_thread_cou
 
 
 @needs_kernel
+@settings(max_examples=80, deadline=None)
+@given(hw=st.sampled_from([(1, 1), (1, 2), (6, 6), (5, 7), (1, 33), (3, 11), (13, 13), (16, 17), (27, 27)]),
+       channels=st.integers(1, 4), levels=st.sampled_from([1, 2, 3, 5, 40, 0]), special=st.floats(0, 0.3),
+       zeros=st.floats(0, 0.7), fraction=st.floats(0, 1), ties=st.sampled_from(["first", "all"]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+def test_short_rows_and_few_candidates_match_reference(hw, channels, levels, special, zeros, fraction, ties, dtype,
+                                                       seed):
+    """Rows around the kernel's switch from radix passes to ranking the last <= 32 candidates by counting
+    (at once on rows of <= 32 positions; a 27x27 row also switches histograms at 256 keys): every count from
+    1 to the row length, few distinct magnitudes (ties at the K-th; levels 0: continuous), zeros (rows with
+    <= K non-zeros), NaN, ±inf and -0.0; both tie rules, inverted and not, every output, every mode."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, channels, *hw)
+    x = torch.randn(shape, generator=g)
+    if levels:
+        x = torch.randint(-levels, levels + 1, shape, generator=g) / 4.0
+    x[torch.rand(shape, generator=g) < zeros] = 0.0
+    pick = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])[torch.randint(0, 4, shape, generator=g)]
+    x = torch.where(torch.rand(shape, generator=g) < special, pick, x).to(dtype)
+    positions = hw[0] * hw[1]
+    count = 1 + int(fraction * (positions - 1))
+    expected = reference_mask(x, count, "spatial", ties)
+    for invert in (False, True):
+        kept = expected ^ invert
+        y, mask = _select.select(x, count, kind="spatial", ties=ties, invert=invert)
+        assert torch.equal(mask, kept)
+        assert_same(y, x.masked_fill(~kept, 0))
+        assert_same(_select.select(x, count, kind="spatial", ties=ties, invert=invert, mask=False)[0], y)
+        assert torch.equal(_select.select(x, count, kind="spatial", ties=ties, invert=invert, values=False)[1], kept)
+    for mode in MODES:  # the op on the kernel against the op on the torch path
+        fast = topk_and_mask(x, count, mode=mode, ties=ties)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(_select, "supports", lambda t: False)
+            slow = topk_and_mask(x, count, mode=mode, ties=ties)
+        assert torch.equal(fast[1], slow[1])
+        assert_same(fast[0], slow[0])
+
+
+@needs_kernel
 def test_every_nan_bit_pattern_ties(monkeypatch):
     """NaNs differ in payload and sign; all rank equal (above inf), so the earliest wins on both paths."""
     x = torch.tensor([1.0, float("inf"), 0.0, 0.0]).reshape(1, 1, 1, 4)

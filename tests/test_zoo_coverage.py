@@ -26,15 +26,17 @@ LIMITATIONS = {
 
 @pytest.mark.parametrize("name", zoo.CI_MODELS)
 def test_stage_ends_covers_the_family(name):
-    # hooks and auto (auto is fx unless fx cannot trace the model; then it falls back to hooks): the
-    # full benchmark checks fx on its own too
+    # one dense build shared by both methods; auto must be fx here (no fallback), so the fx=hooks check
+    # compares the two surgeries; the full benchmark checks fx on its own too
     rows = {r["method"]: r for r in zoo.check_model(zoo.named_models([name])[0], ("hooks", "auto"), size=64,
                                                     timeout=300)}
     expected = "limitation" if name in LIMITATIONS else "pass"
     for method in ("auto", "hooks"):
+        # a limitation still passes every check but the output change (keys, backward, desparsify, fx=hooks)
         assert rows[method]["status"] == expected, (method, rows[method]["cause"])
-    if expected == "pass":
-        assert float(rows["auto"]["fx_vs_hooks"]) <= zoo.SAME
+    assert rows["auto"]["fell_back"] is False, "auto fell back to hooks: fx could not take the model"
+    assert float(rows["auto"]["fx_vs_hooks"]) <= zoo.SAME
+    assert rows["auto"]["stages"] == rows["hooks"]["stages"] >= 2
 
 
 class _Stages(nn.Module):
@@ -96,3 +98,11 @@ def test_bad_options_fail_before_anything_is_written(tmp_path):
         with pytest.raises(SystemExit):
             zoo.main([*bad, "--out", str(tmp_path / "x")])
         assert not (tmp_path / "x").exists()
+
+
+def test_timm_names_rank_smallest_first():
+    names = ["vit_base_patch16_224", "resnet152", "convnext_atto", "test_vit", "vit_tiny_patch16_224",
+             "resnet18", "resnet10t", "efficientnet_b7", "efficientnet_b0", "vit_large_patch16_224"]
+    ranked = sorted(names, key=zoo.name_size_rank)
+    assert ranked == ["test_vit", "convnext_atto", "vit_tiny_patch16_224", "efficientnet_b0", "efficientnet_b7",
+                      "resnet10t", "resnet18", "resnet152", "vit_base_patch16_224", "vit_large_patch16_224"]

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import sys
 from collections import OrderedDict
 from typing import Callable
 
@@ -55,11 +56,10 @@ class TraceFailure(RuntimeError):
 
 
 def _notrace() -> tuple[tuple[type, ...], tuple[Callable, ...]]:
-    try:
+    timm_modules, timm_functions = [], []
+    if "timm" in sys.modules:  # no timm model can exist before timm is imported: never import it here (~2 s)
         from timm.layers import get_notrace_functions, get_notrace_modules
-    except ImportError:
-        timm_modules, timm_functions = [], []
-    else:
+
         timm_modules, timm_functions = list(get_notrace_modules()), list(get_notrace_functions())
     return tuple(timm_modules + _NOTRACE_MODULES), tuple(timm_functions + _NOTRACE_FUNCTIONS)
 

@@ -4,9 +4,10 @@ The magnitude ``|x|`` of an IEEE float, read as an unsigned integer with the sig
 exactly like the magnitude itself (-0.0 and 0.0 get the same key); every NaN gets one key above the
 infinity's, so NaN ranks largest as in ``torch.topk``. The K-th largest key of a channel is found by an
 MSB-first radix select over 8-bit digits (one histogram pass, then passes over a shrinking set of
-candidates). A channel with at most K non-zeros needs no selection at all (threshold 0). One final pass
-writes the masked values and/or the boolean mask (only what the caller asks for), following the tie
-rule of ``ops.py``.
+candidates); once at most 32 candidates are left (at once on rows as short as 6×6) they are ranked by
+counting, which costs less than clearing and scanning a 256-bin histogram. A channel with at most K
+non-zeros needs no selection at all (threshold 0). One final pass writes the masked values and/or the
+boolean mask (only what the caller asks for), following the tie rule of ``ops.py``.
 
 The kernel is plain C (no torch headers), compiled on first use with the system C compiler into a
 cache directory (``$TOPK_PLUGIN_CACHE``, default ``~/.cache/topk_plugin``) and loaded with ``ctypes``,
@@ -40,12 +41,14 @@ _SOURCE = r"""
 #endif
 
 typedef int64_t i64;
+#define RANK_MAX 32  /* at most this many candidates are ranked by counting (measured crossover) */
 
-/* Histogram of the digit (c >> lo) & dmask into counts (zeroed here). Long inputs count into 4 tables
-   to break the store-to-load chain when most keys share a digit (activations share few exponents). */
+/* Histogram of the digit (c >> lo) & dmask into counts (zeroed here). Inputs of 256 keys or more count
+   into 4 tables to break the store-to-load chain when most keys share a digit (activations share few
+   exponents); merging the tables costs less than the chain already at a 27x27 map. */
 static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, uint32_t *counts) {
     memset(counts, 0, sizeof(uint32_t) * (dmask + 1));
-    if (n < 1024) {
+    if (n < 256) {
         for (i64 i = 0; i < n; i++) counts[(c[i] >> lo) & dmask]++;
         return;
     }
@@ -62,14 +65,39 @@ static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, uint32_t
     for (uint32_t d = 0; d <= dmask; d++) counts[d] += h[0][d] + h[1][d] + h[2][d];
 }
 
+/* radix_select's contract for few candidates: the need-th largest is the smallest key with fewer than
+   `need` keys above it, found by counting. O(n^2) but branch-free and vectorised, with no 256-bin
+   histogram to clear and scan, which dominates once few keys are left (and on short rows such as 6x6).
+   Keys are below 2^31, so signed compares (one SSE2 instruction) order them. cand has room for RANK_PAD
+   more keys: zeros pad the inner loop to whole vectors; no key is below 0, so they never count as above. */
+static uint32_t rank_select(uint32_t *cand, i64 n, i64 need, i64 *room, i64 *equal) {
+    const int32_t *s = (const int32_t *)cand;
+    const i64 padded = (n + RANK_PAD - 1) & ~(i64)(RANK_PAD - 1);
+    for (i64 j = n; j < padded; j++) cand[j] = 0;
+    int32_t t = INT32_MAX;
+    for (i64 i = 0; i < n; i++) {
+        const int32_t k = s[i];
+        int32_t above = 0;
+        for (i64 j = 0; j < padded; j++) above += s[j] > k;
+        t = above < need && k < t ? k : t;
+    }
+    i64 above = 0, same = 0;
+    for (i64 j = 0; j < n; j++) { above += s[j] > t; same += s[j] == t; }
+    *room = need - above;
+    *equal = same;
+    return (uint32_t)t;
+}
+
 /* The need-th largest of cand[0..n) (keys <= top < 2^nbits). On return *room is how many keys equal to
-   the result are among the `need` largest and *equal how many keys equal it. a, b: scratch of n keys. */
-static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, uint32_t top, int nbits,
+   the result are among the `need` largest and *equal how many keys equal it. a, b: scratch of n keys;
+   cand, a and b each have RANK_PAD keys of slack after them (rank_select writes there). */
+static uint32_t radix_select(uint32_t *cand, i64 n, i64 need, uint32_t top, int nbits,
                              uint32_t *a, uint32_t *b, i64 *room, i64 *equal) {
     uint32_t counts[256];
     uint32_t prefix = 0;
     int hi = nbits;
     while (hi > 0) {
+        if (n <= RANK_MAX) return rank_select(cand, n, need, room, equal);
         int lo = hi > 8 ? hi - 8 : 0;
         uint32_t dmask = (1u << (hi - lo)) - 1u;
         histogram(cand, n, lo, dmask, counts);
@@ -82,9 +110,10 @@ static uint32_t radix_select(const uint32_t *cand, i64 n, i64 need, uint32_t top
         if (counts[d] == n) continue;  /* every candidate has this digit: nothing to drop */
         uint32_t *dst = cand == a ? b : a;
         i64 m = 0;
+        const uint32_t want = prefix >> lo;  /* survivors share every bit above lo with prefix */
         for (i64 i = 0; i < n; i++) {  /* branch-free compaction */
             dst[m] = cand[i];
-            m += ((cand[i] >> lo) & dmask) == d;
+            m += (cand[i] >> lo) == want;
         }
         top = 0xffffffffu;  /* no cheap bound on the survivors' next digit */
         cand = dst;
@@ -126,14 +155,14 @@ WRITE_ROW(write_row16, uint16_t)
    offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike.
    Keys: the bit pattern with the sign cleared (so -0.0 == 0.0), every NaN mapped to nan_key (the
    infinity's key + 1): NaN ranks largest, as in torch.topk. y or mask may be NULL.
-   scratch: 3 * len keys per thread. */
+   scratch: 3 * len + RANK_PAD keys per thread. */
 void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide, uint32_t nan_key,
                  i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
                  i64 count, int ties_all, int invert, int threads) {
     const i64 rows = outer * inner;
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *keys = scratch + (size_t)THREAD_ID * 3 * (size_t)len;
+        uint32_t *keys = scratch + (size_t)THREAD_ID * (3 * (size_t)len + RANK_PAD);
         #pragma omp for schedule(static)
         for (i64 r = 0; r < rows; r++) {
             const i64 base = (r / inner) * s_outer + (r % inner) * s_inner;
@@ -180,7 +209,8 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
 }
 """
 
-_FLAGS = ["-O3", "-fno-strict-aliasing", "-shared", "-fPIC"]
+_RANK_PAD = 8  # keys of slack after each thread's scratch: rank_select pads to whole vectors
+_FLAGS = ["-O3", "-fno-strict-aliasing", "-shared", "-fPIC", f"-DRANK_PAD={_RANK_PAD}"]
 _UNBUILT = object()
 _LIB = _UNBUILT
 _I64 = ctypes.c_int64
@@ -283,7 +313,7 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
             y[:, :num_prefix_tokens] = x[:, :num_prefix_tokens]
     if x.numel():
         esize, threads = x.element_size(), torch.get_num_threads()
-        scratch = torch.empty(threads * 3 * rows[2], dtype=torch.int32)
+        scratch = torch.empty(threads * (3 * rows[2] + _RANK_PAD), dtype=torch.int32)
         _library().topk_select(
             x.data_ptr() + offset * esize, y.data_ptr() + offset * esize if y is not None else None,
             kept.data_ptr() + offset if kept is not None else None, scratch.data_ptr(), int(esize == 4),
