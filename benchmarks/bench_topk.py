@@ -25,7 +25,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from topk_plugin import _select, get_preset, sparsify, topk, topk_layers
+from topk_plugin import Table, _select, get_preset, sparsify, topk, topk_layers
 from topk_plugin.recipes._common import (prepare_out, pyplot, resolve_device, save_figure, seed_everything,
                                          write_csv, write_json)
 
@@ -202,19 +202,6 @@ def _ratios(ms: dict) -> dict:
 
 # ----------------------------------------------------------------------------- output
 
-def print_table(rows: list[dict]) -> None:
-    columns = list(dict.fromkeys(c for row in rows for c in row))
-    cells = [[_fmt(row.get(c, "")) for c in columns] for row in rows]
-    widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths)))
-    for r in cells:
-        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
-
-
-def _fmt(value) -> str:
-    return f"{value:.2f}" if isinstance(value, float) else str(value)
-
-
 def plot(rows: list[dict], stem: Path) -> list[Path]:
     plt = pyplot()
     labels = [f"{r['case']}\n{r['shape']} k={r['k']}" for r in rows]
@@ -276,7 +263,7 @@ def main(argv=None) -> list[dict]:
                "repeats": repeats, "batch": batch, "smoke": args.smoke,
                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(f"\n{machine}")
-    print_table(rows)
+    print(Table(rows))
     write_csv(out / "bench_topk.csv", rows)
     write_json(out / "bench_topk.json", {"machine": machine, "rows": rows})
     plot(rows, out / "bench_topk")

@@ -76,8 +76,9 @@ DENSE_PREDICTION = {
     "fasterrcnn_mobilenet_v3_large_320_fpn": "detect",
 }
 #: words timm uses for a model's size, smallest first; a name with none of them ranks in the middle
-SIZE_WORDS = ("test", "atto", "femto", "pico", "nano", "xxxs", "xxs", "tiny", "xs", "mini", "small", "lite", "",
-              "medium", "base", "large", "xlarge", "huge", "giant", "gigantic")
+SIZE_WORDS = ("test", "atto", "femto", "pico", "nano", "xxxs", "xxs", "xxtiny", "xtiny", "tiny", "t", "xs", "mini",
+              "small", "s", "lite", "", "medium", "m", "base", "b", "large", "l", "xlarge", "huge", "h", "giant", "g",
+              "gigantic")
 #: how many names per timm family are counted (built on the meta device), the smallest by name first
 COUNTED_PER_FAMILY = 6
 # Relative output change (max |sparse - dense| / max |dense|) below which the output counts as unchanged:
@@ -146,8 +147,16 @@ def _count_on_meta(build: Callable[[], nn.Module]) -> int | None:
         with torch.device("meta"), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             return sum(p.numel() for p in build().parameters())
-    except Exception:  # noqa: BLE001 - a model that cannot be built on meta is not ranked
+    except Exception:  # noqa: BLE001 - some models cannot be built on meta (torchvision's RegNet init)
         return None
+
+
+def _parameter_count(entry: ZooModel) -> int | None:
+    """Parameters without a real build: counted on the meta device, else torchvision's weights metadata."""
+    count = _count_on_meta(lambda: _build(entry, {}))
+    if count is None and entry.name.startswith("torchvision/") and entry.task == "classify":
+        count = torchvision.models.get_model_weights(entry.name.rpartition("/")[2]).DEFAULT.meta["num_params"]
+    return count
 
 
 def name_size_rank(name: str) -> tuple:
@@ -155,7 +164,8 @@ def name_size_rank(name: str) -> tuple:
     tokens = re.split(r"[_.\-]", name.lower())
     words = [SIZE_WORDS.index(t) for t in tokens if t in SIZE_WORDS]
     word = min(words) if words else SIZE_WORDS.index("")
-    return word, [int(n) for n in re.findall(r"\d+", name)], name
+    # "v2" in "ghostnetv2_100" is a version, not a size
+    return word, [int(n) for n in re.findall(r"\d+", re.sub(r"v\d+", "", name.lower()))], name
 
 
 def timm_smallest_per_family(counted: int = COUNTED_PER_FAMILY) -> list[ZooModel]:
@@ -257,7 +267,7 @@ class Dense:
 
 def _grad_names(model: nn.Module, task: Task, batch: torch.Tensor) -> set[str]:
     """Parameters that a train-mode forward + backward gives a finite gradient; state and grads restored."""
-    state = {k: v.clone() for k, v in model.state_dict().items()}
+    state = copy.deepcopy(model.state_dict())  # with its _metadata: MNASNet's loader reads the version there
     model.train()
     try:
         model.zero_grad(set_to_none=True)
@@ -426,7 +436,7 @@ def check_model(entry: ZooModel, methods=METHODS, *, size: int = 128, seed: int 
     base = {"model": entry.name, "family": entry.family, "task": entry.task}
     rows: dict[str, dict] = {}
     if max_params is not None:
-        count = _count_on_meta(lambda: _build(entry, {}))
+        count = _parameter_count(entry)
         if count is not None and count > max_params:
             return [{**base, "params": count, "method": m, "status": "skipped",
                      "cause": f"skipped: {count / 1e6:.0f}M parameters > --max-params (memory of a shared machine)"}

@@ -102,7 +102,10 @@ def test_bad_options_fail_before_anything_is_written(tmp_path):
 
 def test_timm_names_rank_smallest_first():
     names = ["vit_base_patch16_224", "resnet152", "convnext_atto", "test_vit", "vit_tiny_patch16_224",
-             "resnet18", "resnet10t", "efficientnet_b7", "efficientnet_b0", "vit_large_patch16_224"]
+             "resnet18", "resnet10t", "efficientnet_b7", "efficientnet_b0", "vit_large_patch16_224",
+             "ghostnetv3_050", "ghostnet_050", "iformer_s", "iformer_t"]
     ranked = sorted(names, key=zoo.name_size_rank)
-    assert ranked == ["test_vit", "convnext_atto", "vit_tiny_patch16_224", "efficientnet_b0", "efficientnet_b7",
-                      "resnet10t", "resnet18", "resnet152", "vit_base_patch16_224", "vit_large_patch16_224"]
+    # a version number ("v3") does not make a model bigger; one-letter sizes (t, s, b) count as their words
+    assert ranked == ["test_vit", "convnext_atto", "vit_tiny_patch16_224", "iformer_t", "iformer_s",
+                      "efficientnet_b0", "efficientnet_b7", "resnet10t", "resnet18", "ghostnet_050", "ghostnetv3_050",
+                      "resnet152", "vit_base_patch16_224", "vit_large_patch16_224"]
