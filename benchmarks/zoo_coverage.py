@@ -65,7 +65,7 @@ STATUSES = ("pass", "limitation", "fail", "timeout", "skipped")
 CI_MODELS = (
     "torchvision/resnet18", "torchvision/mobilenet_v3_small", "torchvision/squeezenet1_1",
     "torchvision/shufflenet_v2_x0_5", "torchvision/googlenet", "torchvision/densenet121",
-    "torchvision/regnet_x_400mf", "torchvision/lraspp_mobilenet_v3_large",
+    "torchvision/regnet_x_400mf", "torchvision/mnasnet0_5", "torchvision/lraspp_mobilenet_v3_large",
     "timm/test_resnet", "timm/test_convnext", "timm/test_efficientnet", "timm/test_maxvit", "timm/test_mambaout",
     "timm/mobilevit_xxs", "timm/test_vit", "timm/deit_tiny_distilled_patch16_224", "timm/cait_xxs24_224",
     "timm/levit_128s", "timm/swin_tiny_patch4_window7_224", "timm/hiera_tiny_224",

@@ -109,3 +109,8 @@ def test_timm_names_rank_smallest_first():
     assert ranked == ["test_vit", "convnext_atto", "vit_tiny_patch16_224", "iformer_t", "iformer_s",
                       "efficientnet_b0", "efficientnet_b7", "resnet10t", "resnet18", "ghostnet_050", "ghostnetv3_050",
                       "resnet152", "vit_base_patch16_224", "vit_large_patch16_224"]
+
+
+def test_a_torchvision_model_without_an_input_size_runs_at_its_weights_crop():
+    # inception_v3's train-mode aux head fails below 299 px; the harness used to try 224 and give up
+    assert zoo._native_size(zoo.ZooModel("torchvision/inception_v3", "-"), nn.Identity()) == 299
