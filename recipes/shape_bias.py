@@ -26,6 +26,7 @@ from topk_plugin.integrations import cue_conflict as cc
 from topk_plugin.integrations.modelvshuman import HUMAN_COLOR, sweep_name
 from topk_plugin.integrations.shape_bias import (accuracy, category_shape_bias, conflict_trials,
                                                  shape_texture_fractions, summarize)
+from topk_plugin.models import is_file_reference
 from topk_plugin.ops import MODES
 from topk_plugin.parse import named_placements
 from topk_plugin.recipes._common import (SHARED_DATA, apply_smoke, k_list, positive_int, prepare_out, pyplot,
@@ -87,10 +88,6 @@ def run_prefix(model: str) -> str:
     return re.sub(r"[^0-9A-Za-z]+", "_", model).strip("_")
 
 
-def _is_path(value: str) -> bool:
-    return "/" in value or "\\" in value or Path(value).suffix != ""
-
-
 def parse_weights(text: str | None, models: list[str]) -> dict[str, str | None]:
     """``--weights``: one value for every model, or ``model=value`` pairs (unnamed models: random init)."""
     if text is None:
@@ -124,7 +121,7 @@ def read_checkpoints(weights: dict[str, str | None]) -> dict[str, object]:
                 loaded[model] = read_checkpoint(value)
             except CheckpointError as err:
                 raise SystemExit(f"--weights {model}={value}: {err}") from None
-        elif _is_path(value):
+        elif is_file_reference(value):
             raise SystemExit(f"--weights {model}={value}: no such checkpoint file")
     return loaded
 

@@ -100,7 +100,8 @@ def _unknown_message(name: str, bare: str, source: str) -> str:
     return f"model {name!r} is not {where} model name{hint}"
 
 
-def _is_file_reference(weights: str) -> bool:
+def is_file_reference(weights: str) -> bool:
+    """Does a ``weights`` string name a local file (a path separator or a suffix) rather than a weights name?"""
     return "/" in weights or "\\" in weights or Path(weights).suffix != ""
 
 
@@ -157,7 +158,7 @@ def create_model(name: str, *, weights: str | None = None, num_classes: int | No
     if weights is not None and not isinstance(weights, (str, Path)):
         raise ValueError(f"weights={weights!r} must be None, a weights name or a checkpoint path")
     source, bare = _source_of(name)
-    is_file = isinstance(weights, Path) or (isinstance(weights, str) and _is_file_reference(weights))
+    is_file = isinstance(weights, Path) or (isinstance(weights, str) and is_file_reference(weights))
     path = Path(weights) if is_file else None
     if path is not None and not path.is_file():
         raise CheckpointError(f"weights file {str(path)!r} does not exist")
