@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import os
 import platform
 import time
@@ -76,6 +77,19 @@ def with_paper_layers(model: torch.nn.Module, positions: list[str], k: float) ->
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc to serve every allocation from its heap and never hand freed memory back (no ``mmap`` per
+    large block, no trimming), so a timing measures the work, not the page faults of a fresh buffer: those
+    made a 50 MB ``clone`` cost 5 to 30 ms at random on the reference machine. False where the C library
+    has no ``mallopt`` (not glibc); the timings then include whatever the allocator does."""
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2**31 - 1))
 
 
 def race(fns: dict, device: torch.device, repeats: int) -> dict:
@@ -228,6 +242,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="'cpu', 'cuda', 'cuda:1', or 'auto'")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the inputs and models")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one model, 2 repeats: a run of seconds")
+    parser.add_argument("--allocator", choices=("steady", "system"), default="steady",
+                        help="steady: glibc keeps freed memory, so timings exclude page faults of fresh buffers "
+                             "(see keep_freed_memory); system: the allocator as the process started")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the kernel uses as many)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case (the best is reported)")
     parser.add_argument("--batch", type=int, default=32, help="batch size of the whole-model cases")
@@ -242,6 +259,7 @@ def main(argv=None) -> list[dict]:
     out = prepare_out(args.out, overwrite=args.overwrite)
     seed_everything(args.seed)
     torch.set_num_threads(args.threads)
+    steady = args.allocator == "steady" and keep_freed_memory()
     shapes, ks, token_shape, models = OP_SHAPES, OP_KS, TOKEN_SHAPE, args.models
     batch, repeats = args.batch, args.repeats
     if args.smoke:
@@ -260,7 +278,7 @@ def main(argv=None) -> list[dict]:
 
     machine = {"device": str(device), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
                "torch": torch.__version__, "c_kernel": _select.available() and device.type == "cpu",
-               "repeats": repeats, "batch": batch, "smoke": args.smoke,
+               "repeats": repeats, "batch": batch, "smoke": args.smoke, "steady_allocator": steady,
                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(f"\n{machine}")
     print(Table(rows))

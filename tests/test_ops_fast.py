@@ -84,8 +84,9 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @needs_kernel
 @settings(max_examples=150, deadline=None)
-@given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]))
-def test_mask_and_values_equal_reference(data, kind, k, ties):
+@given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]),
+       simd=st.booleans())
+def test_mask_and_values_equal_reference(data, kind, k, ties, simd):
     x = data.draw(tensors(kind, (tie_heavy, spread, specials)))
     prefix = data.draw(st.integers(0, 1)) if kind == "token" and x.dim() == 3 else 0
     positions = x.shape[2] * x.shape[3] if kind == "spatial" else x[0, ..., 0].numel() - prefix
@@ -93,16 +94,17 @@ def test_mask_and_values_equal_reference(data, kind, k, ties):
     expected = reference_mask(x, count, kind, ties, prefix)
     for view in layouts(x):
         assert _select.supports(view)
-        y, mask = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix)
+        options = dict(kind=kind, ties=ties, num_prefix_tokens=prefix, simd=simd)
+        y, mask = _select.select(view, count, **options)
         assert torch.equal(mask, expected)
         assert_same(y, x.masked_fill(~expected, 0))
         assert y.dtype == x.dtype and y.stride() == mask.stride()
         keep_rest = ~expected if not prefix else torch.cat([expected[:, :prefix], ~expected[:, prefix:]], 1)
-        dropped, rest = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix, invert=True)
+        dropped, rest = _select.select(view, count, invert=True, **options)
         assert_same(dropped, x.masked_fill(~keep_rest, 0))
         assert torch.equal(rest, keep_rest)
-        values_only = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix, mask=False)
-        mask_only = _select.select(view, count, kind=kind, ties=ties, num_prefix_tokens=prefix, values=False)
+        values_only = _select.select(view, count, mask=False, **options)
+        mask_only = _select.select(view, count, values=False, **options)
         assert values_only[1] is None and mask_only[0] is None
         assert_same(values_only[0], y)
         assert torch.equal(mask_only[1], expected)
@@ -194,12 +196,13 @@ def test_long_and_short_rows_with_ties_and_nan_match_reference_on_any_thread_cou
 
 @needs_kernel
 @settings(max_examples=80, deadline=None)
-@given(hw=st.sampled_from([(1, 1), (1, 2), (6, 6), (5, 7), (1, 33), (3, 11), (13, 13), (16, 17), (27, 27)]),
+@given(hw=st.sampled_from([(1, 1), (1, 2), (6, 6), (5, 7), (1, 33), (3, 11), (13, 13), (16, 17), (27, 27),
+                           (23, 37), (55, 55)]),
        channels=st.integers(1, 4), levels=st.sampled_from([1, 2, 3, 5, 40, 0]), special=st.floats(0, 0.3),
        zeros=st.floats(0, 0.7), fraction=st.floats(0, 1), ties=st.sampled_from(["first", "all"]),
-       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), simd=st.booleans())
 def test_short_rows_and_few_candidates_match_reference(hw, channels, levels, special, zeros, fraction, ties, dtype,
-                                                       seed):
+                                                       seed, simd):
     """Rows around the kernel's switch from radix passes to ranking the last <= 32 candidates by counting
     (at once on rows of <= 32 positions; a 27x27 row also switches histograms at 256 keys): every count from
     1 to the row length, few distinct magnitudes (ties at the K-th; levels 0: continuous), zeros (rows with
@@ -217,11 +220,12 @@ def test_short_rows_and_few_candidates_match_reference(hw, channels, levels, spe
     expected = reference_mask(x, count, "spatial", ties)
     for invert in (False, True):
         kept = expected ^ invert
-        y, mask = _select.select(x, count, kind="spatial", ties=ties, invert=invert)
+        options = dict(kind="spatial", ties=ties, invert=invert, simd=simd)
+        y, mask = _select.select(x, count, **options)
         assert torch.equal(mask, kept)
         assert_same(y, x.masked_fill(~kept, 0))
-        assert_same(_select.select(x, count, kind="spatial", ties=ties, invert=invert, mask=False)[0], y)
-        assert torch.equal(_select.select(x, count, kind="spatial", ties=ties, invert=invert, values=False)[1], kept)
+        assert_same(_select.select(x, count, mask=False, **options)[0], y)
+        assert torch.equal(_select.select(x, count, values=False, **options)[1], kept)
     for mode in MODES:  # the op on the kernel against the op on the torch path
         fast = topk_and_mask(x, count, mode=mode, ties=ties)
         with pytest.MonkeyPatch.context() as patch:
@@ -229,6 +233,27 @@ def test_short_rows_and_few_candidates_match_reference(hw, channels, levels, spe
             slow = topk_and_mask(x, count, mode=mode, ties=ties)
         assert torch.equal(fast[1], slow[1])
         assert_same(fast[0], slow[0])
+
+
+@needs_kernel
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("invert", [False, True])
+def test_nan_threshold_drops_later_nans_of_any_payload(simd, dtype, invert):
+    """More NaNs than K: the first K NaNs are kept; later ones, whatever their payload (quiet NaN patterns sit
+    far above the one NaN key), are dropped; in rows long enough for the vector loops, with a tail."""
+    x = torch.arange(1, 21, dtype=torch.float32).reshape(1, 1, 4, 5)
+    x.view(-1)[[0, 3, 8, 9, 12, 17, 19]] = float("nan")
+    x = x.to(dtype)
+    bits = x.view(torch.int16 if dtype != torch.float32 else torch.int32).view(-1)
+    bits[8] = bits[8] | 1  # another payload
+    bits[12] = -bits[12].abs()  # negative NaN
+    kept = torch.zeros(20, dtype=torch.bool)
+    kept[[0, 3, 8, 9]] = True
+    kept = kept.reshape(1, 1, 4, 5) ^ invert
+    y, mask = _select.select(x, 4, kind="spatial", ties="first", invert=invert, simd=simd)
+    assert torch.equal(mask, kept)
+    assert_same(y, x.masked_fill(~kept, 0))
 
 
 @needs_kernel
@@ -309,3 +334,37 @@ def test_benchmark_baseline_is_the_same_op_and_smoke_run_writes_its_table(tmp_pa
         bench.main(["--smoke", "--out", str(out), "--cases", "token"])
     with pytest.raises(SystemExit):
         bench.main(["--data", "x", "--out", str(tmp_path / "other")])  # no dead --data option
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "expanded", "mismatched"])
+def test_masked_grad_op_equals_where_in_every_layout(dtype, layout):
+    """The backward op (the C kernel where grad and mask are laid out alike and densely, torch elsewhere)
+    keeps grad where the mask is set and +0 elsewhere (NaN and -0.0 gradients included), in empty_like(grad)'s
+    layout."""
+    g = torch.randn(2, 3, 5, 7).to(dtype)
+    g.view(-1)[:4] = torch.tensor([float("nan"), -0.0, float("inf"), -1.0]).to(dtype)
+    mask = torch.rand(2, 3, 5, 7) < 0.4
+    mask.view(-1)[:4] = torch.tensor([True, True, False, False])
+    if layout == "channels_last":
+        g, mask = g.to(memory_format=torch.channels_last), mask.to(memory_format=torch.channels_last)
+    elif layout == "expanded":  # the gradient of a sum: stride 0 everywhere
+        g = torch.tensor(2.5, dtype=dtype).expand(2, 3, 5, 7)
+    elif layout == "mismatched":
+        g = g.to(memory_format=torch.channels_last)
+    out = torch.ops.topk_plugin.masked_grad(g, mask)
+    expected = torch.where(mask, g, torch.zeros((), dtype=dtype))
+    assert_same(out, expected)
+    assert out.stride() == torch.empty_like(g).stride()
+    assert not (out.view(torch.int16 if dtype != torch.float32 else torch.int32)[~mask] != 0).any()  # +0, not -0
+
+
+def test_gradient_of_the_gradient_is_masked_too():
+    """Second order (a gradient penalty through a Top-K layer): the backward is itself differentiable."""
+    x = torch.randn(2, 3, 6, 6, dtype=torch.float64).relu().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: topk(t, 0.25), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: topk(t, 0.25), (x,))
+    xf = x.detach().float().requires_grad_()
+    (g,) = torch.autograd.grad(topk(xf, 0.25).pow(2).sum(), xf, create_graph=True)
+    (gg,) = torch.autograd.grad(g.sum(), xf)
+    assert torch.equal(gg, 2 * topk_mask(xf, 0.25).float())

@@ -7,6 +7,7 @@ prefix tokens of ``x`` as ``ops.py`` resolved them; ``invert`` keeps the complem
     topk_plugin::topk(x, ..., invert)              -> values only: no mask written (inference)
     topk_plugin::topk_with_mask(x, ..., invert)    -> (values, mask of what values keeps); differentiable,
                                                       autograd saves only the boolean mask
+    topk_plugin::masked_grad(grad, mask)           -> grad where mask, else 0: the backward (differentiable)
 
 CPU float32/float16/bfloat16 run the C kernel (``_select.py``); every other device and dtype runs the torch
 path below, which ranks the same integer keys. Fake implementations give shapes only (no data access), so
@@ -142,13 +143,13 @@ def _torch_select(x, count, kind, ties, num_prefix_tokens, invert, values: bool)
     if num_prefix_tokens:
         kept = torch.cat([torch.ones_like(x[:, :num_prefix_tokens], dtype=torch.bool), kept], dim=1)
     kept = _like(x, kept)
-    return (_like(x, x.masked_fill(~kept, 0)) if values else None), kept
+    return (_like(x, torch.where(kept, x, 0)) if values else None), kept
 
 
 def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``t`` in the layout of ``torch.empty_like(x)`` (copied only where it differs)."""
-    out = torch.empty_like(x, dtype=t.dtype)
-    return t if out.stride() == t.stride() else out.copy_(t)
+    layout = torch.empty_like(x, dtype=t.dtype, device="meta")  # strides only: nothing allocated
+    return t if layout.stride() == t.stride() else torch.empty_like(x, dtype=t.dtype).copy_(t)
 
 
 def _run(x, count, kind, ties, num_prefix_tokens, invert, values: bool, mask: bool):
@@ -197,14 +198,36 @@ def _(x, count, kind, ties, num_prefix_tokens, invert):
     return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
 
 
+@torch.library.custom_op("topk_plugin::masked_grad", mutates_args=())
+def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``grad`` where ``mask``, 0 elsewhere: the backward of ``topk_with_mask`` (the C kernel on CPU)."""
+    fast = _select.masked_grad(grad, mask)
+    return fast if fast is not None else _like(grad, torch.where(mask, grad, 0))
+
+
+@masked_grad.register_fake
+def _(grad, mask):
+    return torch.empty_like(grad)
+
+
 def _save_mask(ctx, inputs, output):
     ctx.save_for_backward(output[1])
 
 
-def _masked_grad(ctx, grad, _grad_mask):
+def _backward(ctx, grad, _grad_mask):
     (mask,) = ctx.saved_tensors
-    return grad.masked_fill(~mask, 0), None, None, None, None, None
+    return masked_grad(grad, mask), None, None, None, None, None
 
 
-topk_with_mask.register_autograd(_masked_grad, setup_context=_save_mask)
+def _save_grad_mask(ctx, inputs, output):
+    ctx.save_for_backward(inputs[1])
+
+
+def _masked_grad_backward(ctx, grad):  # linear in grad: double backward masks the same way
+    (mask,) = ctx.saved_tensors
+    return masked_grad(grad, mask), None
+
+
+topk_with_mask.register_autograd(_backward, setup_context=_save_mask)
+masked_grad.register_autograd(_masked_grad_backward, setup_context=_save_grad_mask)
 _onnx.register_torchscript_symbolics()

@@ -2,17 +2,19 @@
 
 The magnitude ``|x|`` of an IEEE float, read as an unsigned integer with the sign bit cleared, orders
 exactly like the magnitude itself (-0.0 and 0.0 get the same key); every NaN gets one key above the
-infinity's, so NaN ranks largest as in ``torch.topk``. The K-th largest key of a channel is found by an
-MSB-first radix select over 8-bit digits (one histogram pass, then passes over a shrinking set of
-candidates); once at most 32 candidates are left (at once on rows as short as 6×6) they are ranked by
-counting, which costs less than clearing and scanning a 256-bin histogram. A channel with at most K
-non-zeros needs no selection at all (threshold 0). One final pass writes the masked values and/or the
-boolean mask (only what the caller asks for), following the tie rule of ``ops.py``.
+infinity's, so NaN ranks largest as in ``torch.topk``. Per channel row, one pass packs the non-zero keys
+(after a ReLU about half the row; zeros never need ranking, they rank below every non-zero). If at most K
+are non-zero the threshold is 0; otherwise the K-th largest key is found by an MSB-first radix select over
+8-bit digits (a histogram, then the survivors of the chosen digit packed into a shorter list), and once at
+most 32 candidates are left they are ranked by counting, which costs less than another 256-bin histogram.
+One final pass writes the masked values and/or the boolean mask (only what the caller asks for) from the
+threshold and, for the tie rule 'first' of ``ops.py``, the position after which ties are dropped.
 
-The kernel is plain C (no torch headers), compiled on first use with the system C compiler into a
-cache directory (``$TOPK_PLUGIN_CACHE``, default ``~/.cache/topk_plugin``) and loaded with ``ctypes``,
-which releases the GIL. If no compiler works, or ``TOPK_PLUGIN_NO_EXT=1``, ``available()`` is False and
-the op uses its pure-torch path (``_library.py``).
+On x86-64 the packing, ranking and writing loops also exist as AVX2 versions (packing by a permute table),
+chosen at run time when the CPU has AVX2; elsewhere the portable loops run. The kernel is plain C (no torch
+headers), compiled on first use with the system C compiler into a cache directory (``$TOPK_PLUGIN_CACHE``,
+default ``~/.cache/topk_plugin``) and loaded with ``ctypes``, which releases the GIL. If no compiler works,
+or ``TOPK_PLUGIN_NO_EXT=1``, ``available()`` is False and the op uses its pure-torch path (``_library.py``).
 """
 from __future__ import annotations
 
@@ -39,13 +41,23 @@ _SOURCE = r"""
 #else
 #define THREAD_ID 0
 #endif
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define HAVE_AVX2_PATH 1
+#include <immintrin.h>
+#define AVX2 __attribute__((target("avx2")))
+#endif
 
 typedef int64_t i64;
 #define RANK_MAX 32  /* at most this many candidates are ranked by counting (measured crossover) */
+#define RANK_PAD 8   /* rank_select pads its candidates to whole vectors of this many keys */
+#define SLACK 16     /* keys after each scratch buffer: vector stores may run up to 7 keys past the end */
+
+/* Scratch keys per thread for rows of len positions: three buffers of len keys, each with SLACK after it. */
+i64 topk_scratch_keys(i64 len) { return 3 * (len + SLACK); }
 
 /* Histogram of the digit (c >> lo) & dmask into counts (zeroed here). Inputs of 256 keys or more count
    into 4 tables to break the store-to-load chain when most keys share a digit (activations share few
-   exponents); merging the tables costs less than the chain already at a 27x27 map. */
+   exponents); merging the tables costs less than the chain already at 256 keys. */
 static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, uint32_t *counts) {
     memset(counts, 0, sizeof(uint32_t) * (dmask + 1));
     if (n < 256) {
@@ -65,39 +77,258 @@ static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, uint32_t
     for (uint32_t d = 0; d <= dmask; d++) counts[d] += h[0][d] + h[1][d] + h[2][d];
 }
 
-/* radix_select's contract for few candidates: the need-th largest is the smallest key with fewer than
-   `need` keys above it, found by counting. O(n^2) but branch-free and vectorised, with no 256-bin
-   histogram to clear and scan, which dominates once few keys are left (and on short rows such as 6x6).
-   Keys are below 2^31, so signed compares (one SSE2 instruction) order them. cand has room for RANK_PAD
-   more keys: zeros pad the inner loop to whole vectors; no key is below 0, so they never count as above. */
-static uint32_t rank_select(uint32_t *cand, i64 n, i64 need, i64 *room, i64 *equal) {
-    const int32_t *s = (const int32_t *)cand;
-    const i64 padded = (n + RANK_PAD - 1) & ~(i64)(RANK_PAD - 1);
-    for (i64 j = n; j < padded; j++) cand[j] = 0;
-    int32_t t = INT32_MAX;
-    for (i64 i = 0; i < n; i++) {
-        const int32_t k = s[i];
-        int32_t above = 0;
-        for (i64 j = 0; j < padded; j++) above += s[j] > k;
-        t = above < need && k < t ? k : t;
+/* The need-th largest of few candidates: the smallest key with fewer than `need` keys above it, found by
+   counting. O(n^2) but branch-free and vectorised, with no 256-bin histogram to clear and scan. Keys are
+   below 2^31, so signed compares order them. Zeros pad cand to whole vectors (cand has the room): no key is
+   below 0, so they never count as above. *room: how many keys equal to the result are among the `need`
+   largest; *equal: how many keys equal it. */
+#define RANK_SELECT(NAME, ATTR)                                                                  \
+    ATTR static uint32_t NAME(uint32_t *cand, i64 n, i64 need, i64 *room, i64 *equal) {        \
+        const int32_t *s = (const int32_t *)cand;                                                \
+        const i64 padded = (n + RANK_PAD - 1) & ~(i64)(RANK_PAD - 1);                            \
+        for (i64 j = n; j < padded; j++) cand[j] = INT32_MAX;                                    \
+        int32_t t = INT32_MAX;                                                                   \
+        for (i64 i = 0; i < padded; i += RANK_PAD) {  /* RANK_PAD keys at once: one vector */    \
+            int32_t above[RANK_PAD] = {0};                                                       \
+            for (i64 j = 0; j < n; j++)                                                          \
+                for (int l = 0; l < RANK_PAD; l++) above[l] += s[j] > s[i + l];                  \
+            for (int l = 0; l < RANK_PAD; l++)                                                   \
+                t = above[l] < need && s[i + l] < t ? s[i + l] : t;                              \
+        }                                                                                        \
+        i64 above = 0, same = 0;                                                                 \
+        for (i64 j = 0; j < n; j++) { above += s[j] > t; same += s[j] == t; }                    \
+        *room = need - above;                                                                    \
+        *equal = same;                                                                           \
+        return (uint32_t)t;                                                                      \
     }
+
+/* at_least[j] = how many of c[0..n) are > bounds[j] (signed: keys are below 2^31, and -1 counts all). */
+#define COUNT_ABOVE(NAME, ATTR)                                                                  \
+    ATTR static void NAME(const uint32_t *c, i64 n, const int32_t bounds[4], i64 at_least[4]) { \
+        const int32_t *s = (const int32_t *)c;                                                   \
+        int32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;                                                  \
+        for (i64 i = 0; i < n; i++) {                                                            \
+            c0 += s[i] > bounds[0]; c1 += s[i] > bounds[1];                                      \
+            c2 += s[i] > bounds[2]; c3 += s[i] > bounds[3];                                      \
+        }                                                                                        \
+        at_least[0] = c0; at_least[1] = c1; at_least[2] = c2; at_least[3] = c3;                  \
+    }
+
+/* Write positions [from, to) of one row: keep p iff (key(x[p]) >= lowest) ^ invert; y = kept ? x : +0.
+   mask or y may be NULL (not wanted). restrict: a uint8 mask store may not alias x, which lets the loops
+   vectorise. */
+#define WRITE_ROW(NAME, T, MAGNITUDE, ATTR)                                                             \
+    ATTR static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask, i64 from, i64 to, \
+                          i64 s_pos, uint32_t nan_key, uint32_t lowest, int invert) {                   \
+        const T nan = (T)nan_key;                                                                       \
+        if (s_pos == 1 && y && mask) {                                                                  \
+            for (i64 p = from; p < to; p++) {                                                           \
+                const T k = (T)(x[p] & MAGNITUDE) < nan ? (T)(x[p] & MAGNITUDE) : nan;                  \
+                const T keep = (T)((k >= lowest) ^ invert);                                             \
+                mask[p] = (uint8_t)keep;                                                                \
+                y[p] = x[p] & (T)(0u - keep);                                                           \
+            }                                                                                           \
+        } else if (s_pos == 1 && y) {                                                                   \
+            for (i64 p = from; p < to; p++) {                                                           \
+                const T k = (T)(x[p] & MAGNITUDE) < nan ? (T)(x[p] & MAGNITUDE) : nan;                  \
+                y[p] = x[p] & (T)(0u - (T)((k >= lowest) ^ invert));                                    \
+            }                                                                                           \
+        } else if (s_pos == 1) {                                                                        \
+            for (i64 p = from; p < to; p++) {                                                           \
+                const T k = (T)(x[p] & MAGNITUDE) < nan ? (T)(x[p] & MAGNITUDE) : nan;                  \
+                mask[p] = (uint8_t)((k >= lowest) ^ invert);                                            \
+            }                                                                                           \
+        } else {                                                                                        \
+            for (i64 p = from; p < to; p++) {                                                           \
+                const i64 at = p * s_pos;                                                               \
+                const T k = (T)(x[at] & MAGNITUDE) < nan ? (T)(x[at] & MAGNITUDE) : nan;                \
+                const T keep = (T)((k >= lowest) ^ invert);                                             \
+                if (mask) mask[at] = (uint8_t)keep;                                                     \
+                if (y) y[at] = x[at] & (T)(0u - keep);                                                  \
+            }                                                                                           \
+        }                                                                                               \
+    }
+
+RANK_SELECT(rank_select_plain, )
+COUNT_ABOVE(count_above_plain, )
+WRITE_ROW(write_row32_plain, uint32_t, 0x7fffffffu, )
+WRITE_ROW(write_row16_plain, uint16_t, 0x7fffu, )
+
+static inline uint32_t key_of(const void *x, i64 i, int wide, uint32_t nan_key) {
+    const uint32_t k = wide ? ((const uint32_t *)x)[i] & 0x7fffffffu : ((const uint16_t *)x)[i] & 0x7fffu;
+    return k < nan_key ? k : nan_key;
+}
+
+/* The non-zero keys of a row (element p at x[p * s_pos]) into out, in order; returns how many, *top the
+   largest key. */
+static i64 nonzero_keys_plain(const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key, uint32_t *out,
+                              uint32_t *top) {
+    i64 m = 0;
+    uint32_t t = 0;
+    for (i64 p = 0; p < len; p++) {
+        const uint32_t k = key_of(x, p * s_pos, wide, nan_key);
+        out[m] = k;
+        m += k != 0;
+        t = k > t ? k : t;
+    }
+    *top = t;
+    return m;
+}
+
+/* The keys of src whose bits above lo equal want, into dst in order; returns how many. */
+static i64 compact_plain(const uint32_t *src, i64 n, int lo, uint32_t want, uint32_t *dst) {
+    i64 m = 0;
+    for (i64 i = 0; i < n; i++) {  /* branch-free */
+        dst[m] = src[i];
+        m += (src[i] >> lo) == want;
+    }
+    return m;
+}
+
+#ifdef HAVE_AVX2_PATH
+/* rank_select (same contract) with each vector of 8 candidates compared against every key in turn. */
+AVX2 static uint32_t rank_select_avx2(uint32_t *cand, i64 n, i64 need, i64 *room, i64 *equal) {
+    const int32_t *s = (const int32_t *)cand;
+    const i64 padded = (n + 7) & ~(i64)7;
+    for (i64 j = n; j < padded; j++) cand[j] = INT32_MAX;  /* never below the result: never chosen */
+    const __m256i needv = _mm256_set1_epi32((int)need);
+    __m256i best = _mm256_set1_epi32(INT32_MAX);
+    for (i64 i = 0; i < padded; i += 8) {
+        const __m256i k = _mm256_loadu_si256((const __m256i *)(s + i));
+        __m256i above0 = _mm256_setzero_si256(), above1 = _mm256_setzero_si256();  /* minus the counts */
+        i64 j = 0;
+        for (; j + 2 <= n; j += 2) {
+            above0 = _mm256_add_epi32(above0, _mm256_cmpgt_epi32(_mm256_set1_epi32(s[j]), k));
+            above1 = _mm256_add_epi32(above1, _mm256_cmpgt_epi32(_mm256_set1_epi32(s[j + 1]), k));
+        }
+        if (j < n) above0 = _mm256_add_epi32(above0, _mm256_cmpgt_epi32(_mm256_set1_epi32(s[j]), k));
+        const __m256i above = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(above0, above1));
+        const __m256i fits = _mm256_cmpgt_epi32(needv, above);  /* fewer than need keys above */
+        best = _mm256_min_epi32(best, _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), k, fits));
+    }
+    int32_t lanes[8], t = INT32_MAX;
+    _mm256_storeu_si256((__m256i *)lanes, best);
+    for (int l = 0; l < 8; l++) t = lanes[l] < t ? lanes[l] : t;
     i64 above = 0, same = 0;
     for (i64 j = 0; j < n; j++) { above += s[j] > t; same += s[j] == t; }
     *room = need - above;
     *equal = same;
     return (uint32_t)t;
 }
+COUNT_ABOVE(count_above_avx2, AVX2)
+WRITE_ROW(write_row32_avx2, uint32_t, 0x7fffffffu, AVX2)
+WRITE_ROW(write_row16_avx2, uint16_t, 0x7fffu, AVX2)
 
-/* The need-th largest of cand[0..n) (keys <= top < 2^nbits). On return *room is how many keys equal to
-   the result are among the `need` largest and *equal how many keys equal it. a, b: scratch of n keys;
-   cand, a and b each have RANK_PAD keys of slack after them (rank_select writes there). */
-static uint32_t radix_select(uint32_t *cand, i64 n, i64 need, uint32_t top, int nbits,
+/* LEFT_PACK[bits]: the lane numbers of the set bits of an 8-lane mask, lowest first, one per byte; a
+   permute by them packs the selected lanes to the front of a vector (stream compaction). */
+static uint64_t LEFT_PACK[256];
+__attribute__((constructor)) static void build_left_pack(void) {
+    for (int bits = 0; bits < 256; bits++) {
+        uint64_t lanes = 0;
+        int m = 0;
+        for (int j = 0; j < 8; j++)
+            if (bits >> j & 1) lanes |= (uint64_t)j << (8 * m++);
+        LEFT_PACK[bits] = lanes;
+    }
+}
+
+/* Append the lanes of v selected by bits to out + m (8 keys are stored: out needs slack); returns new m. */
+AVX2 static inline i64 append_selected(__m256i v, int bits, uint32_t *out, i64 m) {
+    const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128((long long)LEFT_PACK[bits]));
+    _mm256_storeu_si256((__m256i *)(out + m), _mm256_permutevar8x32_epi32(v, lanes));
+    return m + __builtin_popcount(bits);
+}
+
+AVX2 static i64 nonzero_keys_avx2(const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key, uint32_t *out,
+                                  uint32_t *top) {
+    if (s_pos != 1) return nonzero_keys_plain(x, len, s_pos, wide, nan_key, out, top);
+    const __m256i magnitude = _mm256_set1_epi32(wide ? 0x7fffffff : 0x7fff), nan = _mm256_set1_epi32((int)nan_key);
+    const __m256i zero = _mm256_setzero_si256();
+    __m256i vtop = zero;
+    i64 m = 0, p = 0;
+    for (; p + 8 <= len; p += 8) {
+        const __m256i raw = wide ? _mm256_loadu_si256((const __m256i *)((const uint32_t *)x + p))
+                                 : _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + p)));
+        const __m256i k = _mm256_min_epu32(_mm256_and_si256(raw, magnitude), nan);
+        vtop = _mm256_max_epu32(vtop, k);
+        m = append_selected(k, _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, zero))), out, m);
+    }
+    uint32_t lanes[8], t = 0;
+    _mm256_storeu_si256((__m256i *)lanes, vtop);
+    for (int j = 0; j < 8; j++) t = lanes[j] > t ? lanes[j] : t;
+    uint32_t tail_top;
+    m += nonzero_keys_plain(wide ? (const void *)((const uint32_t *)x + p) : (const void *)((const uint16_t *)x + p),
+                            len - p, 1, wide, nan_key, out + m, &tail_top);
+    *top = tail_top > t ? tail_top : t;
+    return m;
+}
+
+AVX2 static i64 compact_avx2(const uint32_t *src, i64 n, int lo, uint32_t want, uint32_t *dst) {
+    const __m256i w = _mm256_set1_epi32((int)want);
+    const __m128i shift = _mm_cvtsi32_si128(lo);
+    i64 m = 0, i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i k = _mm256_loadu_si256((const __m256i *)(src + i));
+        const __m256i hit = _mm256_cmpeq_epi32(_mm256_srl_epi32(k, shift), w);
+        m = append_selected(k, _mm256_movemask_ps(_mm256_castsi256_ps(hit)), dst, m);
+    }
+    return m + compact_plain(src + i, n - i, lo, want, dst + m);
+}
+#endif
+
+/* One instruction set's versions of the row steps that vectorise. */
+typedef struct {
+    i64 (*nonzero_keys)(const void *, i64, i64, int, uint32_t, uint32_t *, uint32_t *);
+    i64 (*compact)(const uint32_t *, i64, int, uint32_t, uint32_t *);
+    uint32_t (*rank_select)(uint32_t *, i64, i64, i64 *, i64 *);
+    void (*count_above)(const uint32_t *, i64, const int32_t *, i64 *);
+    void (*write32)(const uint32_t *, uint32_t *, uint8_t *, i64, i64, i64, uint32_t, uint32_t, int);
+    void (*write16)(const uint16_t *, uint16_t *, uint8_t *, i64, i64, i64, uint32_t, uint32_t, int);
+} steps;
+
+static const steps PLAIN = {nonzero_keys_plain, compact_plain, rank_select_plain, count_above_plain, write_row32_plain, write_row16_plain};
+#ifdef HAVE_AVX2_PATH
+static const steps WITH_AVX2 = {nonzero_keys_avx2, compact_avx2, rank_select_avx2, count_above_avx2, write_row32_avx2, write_row16_avx2};
+#endif
+
+/* The need-th largest of cand[0..n) (non-zero keys <= top < 2^nbits): an MSB-first radix select over 8-bit
+   digits (the first by counting, the others by histograms), each level packing the survivors into a shorter
+   list, ranking by counting once at most RANK_MAX candidates are left. *room, *equal as for rank_select.
+   a, b: scratch of n keys; cand, a and b each have SLACK keys after them. */
+static uint32_t radix_select(const steps *s, uint32_t *cand, i64 n, i64 need, uint32_t top, int nbits,
                              uint32_t *a, uint32_t *b, i64 *room, i64 *equal) {
     uint32_t counts[256];
     uint32_t prefix = 0;
     int hi = nbits;
+    if (n > RANK_MAX) {
+        /* The top digit (the exponent of a float32) by counting the keys at or above each digit below the
+           largest key's, 4 digits per pass: after a ReLU the K-th largest lies a digit or two below the
+           largest, where this costs a fraction of a histogram. Two passes at most, then the histogram. */
+        const int lo = nbits - 8;
+        i64 above = 0;
+        for (int32_t d = (int32_t)(top >> lo), pass = 0; pass < 2; pass++, d -= 4) {
+            int32_t bounds[4];
+            i64 at_least[4];
+            for (int j = 0; j < 4; j++) bounds[j] = d - j > 0 ? (int32_t)(((uint32_t)(d - j) << lo) - 1u) : -1;
+            s->count_above(cand, n, bounds, at_least);
+            int j = 0;
+            while (j < 4 && at_least[j] < need) j++;
+            if (j == 4) { above = at_least[3]; continue; }
+            above = j ? at_least[j - 1] : above;
+            need -= above;
+            prefix = (uint32_t)(d - j) << lo;
+            hi = lo;
+            if (at_least[j] - above < n) {
+                uint32_t *dst = cand == a ? b : a;
+                n = s->compact(cand, n, lo, prefix >> lo, dst);
+                cand = dst;
+            }
+            top = 0xffffffffu;
+            break;
+        }
+    }
     while (hi > 0) {
-        if (n <= RANK_MAX) return rank_select(cand, n, need, room, equal);
+        if (n <= RANK_MAX) return s->rank_select(cand, n, need, room, equal);
         int lo = hi > 8 ? hi - 8 : 0;
         uint32_t dmask = (1u << (hi - lo)) - 1u;
         histogram(cand, n, lo, dmask, counts);
@@ -109,15 +340,9 @@ static uint32_t radix_select(uint32_t *cand, i64 n, i64 need, uint32_t top, int 
         hi = lo;
         if (counts[d] == n) continue;  /* every candidate has this digit: nothing to drop */
         uint32_t *dst = cand == a ? b : a;
-        i64 m = 0;
-        const uint32_t want = prefix >> lo;  /* survivors share every bit above lo with prefix */
-        for (i64 i = 0; i < n; i++) {  /* branch-free compaction */
-            dst[m] = cand[i];
-            m += (cand[i] >> lo) == want;
-        }
+        n = s->compact(cand, n, lo, prefix >> lo, dst);  /* survivors share every bit above lo with prefix */
         top = 0xffffffffu;  /* no cheap bound on the survivors' next digit */
         cand = dst;
-        n = m;
         if (n == 1) { prefix = cand[0]; break; }
     }
     *room = need;
@@ -125,92 +350,77 @@ static uint32_t radix_select(uint32_t *cand, i64 n, i64 need, uint32_t top, int 
     return prefix;
 }
 
-/* Keep key k iff k >= lowest; y = kept ? x : +0. mask or y may be NULL (not wanted). restrict: a uint8
-   mask store may not alias x or keys, which lets the contiguous loops vectorise. */
-#define WRITE_ROW(NAME, T)                                                                       \
-    static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask,               \
-                     const uint32_t *restrict keys, i64 len, i64 s_pos, uint32_t lowest, int invert) { \
-        if (s_pos == 1 && y && mask) {                                                           \
-            for (i64 p = 0; p < len; p++) {                                                      \
-                const int keep = (keys[p] >= lowest) ^ invert;                                   \
-                mask[p] = (uint8_t)keep;                                                         \
-                y[p] = x[p] & (T)(0u - keep);                                                    \
-            }                                                                                    \
-        } else if (s_pos == 1 && y) {                                                            \
-            for (i64 p = 0; p < len; p++) y[p] = x[p] & (T)(0u - ((keys[p] >= lowest) ^ invert)); \
-        } else if (s_pos == 1) {                                                                 \
-            for (i64 p = 0; p < len; p++) mask[p] = (uint8_t)((keys[p] >= lowest) ^ invert);     \
-        } else {                                                                                 \
-            for (i64 p = 0; p < len; p++) {                                                      \
-                const int keep = (keys[p] >= lowest) ^ invert;                                   \
-                if (mask) mask[p * s_pos] = (uint8_t)keep;                                       \
-                if (y) y[p * s_pos] = x[p * s_pos] & (T)(0u - keep);                             \
-            }                                                                                    \
-        }                                                                                        \
+/* The position just after the room-th key equal to t (room >= 1 such keys exist): the tie rule 'first'
+   keeps the keys equal to t before it and drops those after. */
+static i64 tie_cutoff(const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key, uint32_t t, i64 room) {
+    i64 p = 0;
+    for (i64 seen = 0; p < len && seen < room; p++) seen += key_of(x, p * s_pos, wide, nan_key) == t;
+    return p;
+}
+
+/* out[i] = mask[i] ? grad[i] : +0 for n elements that grad, mask and out lay out alike: the gradient of a
+   Top-K layer, in one pass at memory speed (torch.where with a scalar takes three times as long). */
+void topk_masked_grad(const void *grad, const uint8_t *mask, void *out, i64 n, int wide, int threads) {
+    if (wide) {
+        const uint32_t *restrict g = (const uint32_t *)grad;
+        uint32_t *restrict o = (uint32_t *)out;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (i64 i = 0; i < n; i++) o[i] = g[i] & (0u - (uint32_t)mask[i]);
+    } else {
+        const uint16_t *restrict g = (const uint16_t *)grad;
+        uint16_t *restrict o = (uint16_t *)out;
+        #pragma omp parallel for num_threads(threads) schedule(static)
+        for (i64 i = 0; i < n; i++) o[i] = g[i] & (uint16_t)(0u - (uint32_t)mask[i]);
     }
-WRITE_ROW(write_row32, uint32_t)
-WRITE_ROW(write_row16, uint16_t)
+}
 
 /* Rows r = o * inner + i (o < outer, i < inner); element p < len of row r sits at
    offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike.
    Keys: the bit pattern with the sign cleared (so -0.0 == 0.0), every NaN mapped to nan_key (the
    infinity's key + 1): NaN ranks largest, as in torch.topk. y or mask may be NULL.
-   scratch: 3 * len + RANK_PAD keys per thread. */
+   scratch: topk_scratch_keys(len) keys per thread. simd: use AVX2 where the CPU has it. */
 void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide, uint32_t nan_key,
                  i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
-                 i64 count, int ties_all, int invert, int threads) {
-    const i64 rows = outer * inner;
+                 i64 count, int ties_all, int invert, int threads, int simd) {
+    const steps *s = &PLAIN;
+#ifdef HAVE_AVX2_PATH
+    if (simd && __builtin_cpu_supports("avx2")) s = &WITH_AVX2;
+#endif
+    const i64 rows = outer * inner, esize = wide ? 4 : 2;
     #pragma omp parallel num_threads(threads)
     {
-        uint32_t *keys = scratch + (size_t)THREAD_ID * (3 * (size_t)len + RANK_PAD);
+        uint32_t *cand = scratch + (size_t)THREAD_ID * (size_t)topk_scratch_keys(len);
+        uint32_t *a = cand + len + SLACK, *b = a + len + SLACK;
         #pragma omp for schedule(static)
         for (i64 r = 0; r < rows; r++) {
-            const i64 base = (r / inner) * s_outer + (r % inner) * s_inner;
-            i64 nonzero = 0;
-            uint32_t top = 0;
-            if (wide) {
-                const uint32_t *xs = (const uint32_t *)x;
-                for (i64 p = 0; p < len; p++) {
-                    uint32_t k = xs[base + p * s_pos] & 0x7fffffffu;
-                    k = k < nan_key ? k : nan_key;
-                    keys[p] = k; nonzero += k != 0; top = k > top ? k : top;
-                }
-            } else {
-                const uint16_t *xs = (const uint16_t *)x;
-                for (i64 p = 0; p < len; p++) {
-                    uint32_t k = xs[base + p * s_pos] & 0x7fffu;
-                    k = k < nan_key ? k : nan_key;
-                    keys[p] = k; nonzero += k != 0; top = k > top ? k : top;
-                }
-            }
+            const i64 base = ((r / inner) * s_outer + (r % inner) * s_inner) * esize;
+            const void *xr = (const char *)x + base;
+            void *yr = y ? (char *)y + base : NULL;
+            uint8_t *mr = mask ? mask + base / esize : NULL;
+            uint32_t top;
+            const i64 nonzero = s->nonzero_keys(xr, len, s_pos, wide, nan_key, cand, &top);
             /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
             uint32_t t = 0;
             i64 room = count - nonzero, equal = len - nonzero;
-            if (nonzero > count) {
-                t = radix_select(keys, len, count, top, wide ? 31 : 15, keys + len, keys + 2 * len, &room, &equal);
+            if (nonzero > count)
+                t = radix_select(s, cand, nonzero, count, top, wide ? 31 : 15, a, b, &room, &equal);
+            /* Keys equal to t are kept before `cut` and dropped from it on: all of them when they fit (or
+               under the tie rule 'all'), none when room == 0 (exactly `count` non-zeros, t == 0). */
+            const i64 cut = room <= 0 ? 0 : room >= equal || ties_all ? len
+                          : tie_cutoff(xr, len, s_pos, wide, nan_key, t, room);
+            if (wide) {
+                s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, 0, cut, s_pos, nan_key, t, invert);
+                s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, cut, len, s_pos, nan_key, t + 1, invert);
+            } else {
+                s->write16((const uint16_t *)xr, (uint16_t *)yr, mr, 0, cut, s_pos, nan_key, t, invert);
+                s->write16((const uint16_t *)xr, (uint16_t *)yr, mr, cut, len, s_pos, nan_key, t + 1, invert);
             }
-            /* room == 0 only when exactly `count` non-zeros: then 0 is below the K-th largest. */
-            if (room > 0 && room < equal && !ties_all) {  /* keep only the first `room` ties */
-                i64 seen = 0;
-                for (i64 p = 0; p < len; p++) {
-                    keys[p] = keys[p] == t ? seen++ < room : keys[p] > t;
-                }
-                t = 1;
-            }
-            const uint32_t lowest = room > 0 ? t : t + 1;
-            if (wide)
-                write_row32((const uint32_t *)x + base, y ? (uint32_t *)y + base : NULL, mask ? mask + base : NULL,
-                            keys, len, s_pos, lowest, invert);
-            else
-                write_row16((const uint16_t *)x + base, y ? (uint16_t *)y + base : NULL, mask ? mask + base : NULL,
-                            keys, len, s_pos, lowest, invert);
         }
     }
 }
 """
 
-_RANK_PAD = 8  # keys of slack after each thread's scratch: rank_select pads to whole vectors
-_FLAGS = ["-O3", "-fno-strict-aliasing", "-shared", "-fPIC", f"-DRANK_PAD={_RANK_PAD}"]
+_FLAGS = ["-O3", "-fno-strict-aliasing", "-shared", "-fPIC"]
 _UNBUILT = object()
 _LIB = _UNBUILT
 _I64 = ctypes.c_int64
@@ -235,7 +445,11 @@ def _compile(flags: list[str]) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.topk_select.restype = None
     lib.topk_select.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                ctypes.c_uint32, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                                ctypes.c_uint32, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    lib.topk_masked_grad.restype = None
+    lib.topk_masked_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64, ctypes.c_int, ctypes.c_int]
+    lib.topk_scratch_keys.restype = _I64
+    lib.topk_scratch_keys.argtypes = [_I64]
     return lib
 
 
@@ -292,10 +506,11 @@ def _geometry(t: torch.Tensor, kind: str, num_prefix_tokens: int):
 
 
 def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_tokens: int = 0,
-           invert: bool = False, values: bool = True, mask: bool = True):
+           invert: bool = False, values: bool = True, mask: bool = True, simd: bool = True):
     """``(y, mask)``: ``x`` zeroed outside the Top-``count`` entries of each channel row (``invert``: inside
     them) and the boolean mask of the entries ``y`` keeps; ``None`` for an output not asked for. Prefix tokens
-    are kept. ``x`` must pass ``supports``; the caller validates the arguments (``count`` >= 1, the prefix)."""
+    are kept. ``x`` must pass ``supports``; the caller validates the arguments (``count`` >= 1, the prefix).
+    ``simd=False`` runs the portable loops even on a CPU with AVX2 (the tests compare both)."""
     x = x.detach()
     wanted = [values, mask]
     outputs = _outputs(x, wanted)
@@ -313,12 +528,29 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
             y[:, :num_prefix_tokens] = x[:, :num_prefix_tokens]
     if x.numel():
         esize, threads = x.element_size(), torch.get_num_threads()
-        scratch = torch.empty(threads * (3 * rows[2] + _RANK_PAD), dtype=torch.int32)
+        scratch = torch.empty(threads * _library().topk_scratch_keys(rows[2]), dtype=torch.int32)
         _library().topk_select(
             x.data_ptr() + offset * esize, y.data_ptr() + offset * esize if y is not None else None,
             kept.data_ptr() + offset if kept is not None else None, scratch.data_ptr(), int(esize == 4),
-            NAN_KEYS[x.dtype], *rows, count, int(ties == "all"), int(invert), threads)
+            NAN_KEYS[x.dtype], *rows, count, int(ties == "all"), int(invert), threads, int(simd))
     return y, kept
+
+
+def masked_grad(grad: torch.Tensor, mask: torch.Tensor):
+    """``grad`` where ``mask``, +0 elsewhere, in the layout of ``torch.empty_like(grad)``; None where the kernel
+    does not apply (``supports(grad)`` false, or ``grad`` and ``mask`` not laid out alike and densely)."""
+    if not (supports(grad) and grad.stride() == mask.stride() and grad.shape == mask.shape
+            and any(grad.is_contiguous(memory_format=f) and mask.is_contiguous(memory_format=f)
+                    for f in _DENSE_FORMATS[grad.dim()])):
+        return None
+    out = torch.empty_like(grad)
+    _library().topk_masked_grad(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(),
+                                int(grad.element_size() == 4), torch.get_num_threads())
+    return out
+
+
+# Memory formats in which a tensor of this rank is one dense block that empty_like reproduces.
+_DENSE_FORMATS = {3: (torch.contiguous_format,), 4: (torch.contiguous_format, torch.channels_last)}
 
 
 def _outputs(x: torch.Tensor, wanted) -> list:
