@@ -368,3 +368,38 @@ def test_gradient_of_the_gradient_is_masked_too():
     (g,) = torch.autograd.grad(topk(xf, 0.25).pow(2).sum(), xf, create_graph=True)
     (gg,) = torch.autograd.grad(g.sum(), xf)
     assert torch.equal(gg, 2 * topk_mask(xf, 0.25).float())
+
+
+@needs_kernel
+@settings(max_examples=80, deadline=None)
+@given(layout=st.sampled_from(["tokens", "channels_last"]), channels=st.sampled_from([8, 11, 16, 21]),
+       positions=st.integers(2, 40), levels=st.sampled_from([2, 5, 0]), special=st.floats(0, 0.3),
+       zeros=st.floats(0, 0.7), fraction=st.floats(0, 1), ties=st.sampled_from(["first", "all"]),
+       dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), simd=st.booleans())
+def test_channel_last_rows_done_eight_channels_at_a_time_match_reference(layout, channels, positions, levels, special,
+                                                                         zeros, fraction, ties, dtype, seed, simd):
+    """Tokens (N, T, D) and channels_last maps keep channels adjacent: the kernel gathers 8 channel rows at a
+    time (transposing 8x8 blocks, then a tail of positions) and writes them back across the channels; the
+    channels beyond a multiple of 8 go one by one. Ties, zeros, NaN, ±inf, -0.0; every output, both tie rules."""
+    g = torch.Generator().manual_seed(seed)
+    shape = (2, positions, channels) if layout == "tokens" else (2, channels, 1, positions)
+    x = torch.randn(shape, generator=g)
+    if levels:
+        x = torch.randint(-levels, levels + 1, shape, generator=g) / 4.0
+    x[torch.rand(shape, generator=g) < zeros] = 0.0
+    pick = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])[torch.randint(0, 4, shape, generator=g)]
+    x = torch.where(torch.rand(shape, generator=g) < special, pick, x).to(dtype)
+    kind = "token" if layout == "tokens" else "spatial"
+    if layout == "channels_last":
+        x = x.to(memory_format=torch.channels_last)
+    count = 1 + int(fraction * (positions - 1))
+    expected = reference_mask(x, count, kind, ties)
+    for invert in (False, True):
+        kept = expected ^ invert
+        options = dict(kind=kind, ties=ties, invert=invert, simd=simd)
+        y, mask = _select.select(x, count, **options)
+        assert torch.equal(mask, kept)
+        assert_same(y, x.masked_fill(~kept, 0))
+        assert y.stride() == x.stride()
+        assert_same(_select.select(x, count, mask=False, **options)[0], y)
+        assert torch.equal(_select.select(x, count, values=False, **options)[1], kept)

@@ -52,8 +52,6 @@ typedef int64_t i64;
 #define RANK_PAD 8   /* rank_select pads its candidates to whole vectors of this many keys */
 #define SLACK 16     /* keys after each scratch buffer: vector stores may run up to 7 keys past the end */
 
-/* Scratch keys per thread for rows of len positions: three buffers of len keys, each with SLACK after it. */
-i64 topk_scratch_keys(i64 len) { return 3 * (len + SLACK); }
 
 /* Histogram of the digit (c >> lo) & dmask into counts (zeroed here). Inputs of 256 keys or more count
    into 4 tables to break the store-to-load chain when most keys share a digit (activations share few
@@ -221,14 +219,18 @@ WRITE_ROW(write_row16_avx2, uint16_t, 0x7fffu, AVX2)
 
 /* LEFT_PACK[bits]: the lane numbers of the set bits of an 8-lane mask, lowest first, one per byte; a
    permute by them packs the selected lanes to the front of a vector (stream compaction). */
-static uint64_t LEFT_PACK[256];
-__attribute__((constructor)) static void build_left_pack(void) {
+/* BYTES_OF[bits]: byte j is bit j of an 8-lane mask (0 or 1): a bool mask from a vector compare. */
+static uint64_t LEFT_PACK[256], BYTES_OF[256];
+__attribute__((constructor)) static void build_tables(void) {
     for (int bits = 0; bits < 256; bits++) {
-        uint64_t lanes = 0;
+        uint64_t lanes = 0, bytes = 0;
         int m = 0;
-        for (int j = 0; j < 8; j++)
+        for (int j = 0; j < 8; j++) {
             if (bits >> j & 1) lanes |= (uint64_t)j << (8 * m++);
+            bytes |= (uint64_t)(bits >> j & 1) << (8 * j);
+        }
         LEFT_PACK[bits] = lanes;
+        BYTES_OF[bits] = bytes;
     }
 }
 
@@ -332,9 +334,17 @@ static uint32_t radix_select(const steps *s, uint32_t *cand, i64 n, i64 need, ui
         int lo = hi > 8 ? hi - 8 : 0;
         uint32_t dmask = (1u << (hi - lo)) - 1u;
         histogram(cand, n, lo, dmask, counts);
+        /* The digit d with fewer than need keys above it and at least need at or above, found from the
+           nearer end: down from the largest key's digit, or up from 0 when need is in the lower half. */
         i64 above = 0;
-        uint32_t d = (top >> lo) & dmask;  /* no candidate has a larger digit */
-        while (above + counts[d] < need) above += counts[d--];
+        uint32_t d = (top >> lo) & dmask;
+        if (2 * need <= n) {
+            while (above + counts[d] < need) above += counts[d--];
+        } else {
+            i64 below = 0;
+            for (d = 0; below + counts[d] <= n - need; d++) below += counts[d];
+            above = n - below - counts[d];
+        }
         need -= above;
         prefix |= d << lo;
         hi = lo;
@@ -374,40 +384,159 @@ void topk_masked_grad(const void *grad, const uint8_t *mask, void *out, i64 n, i
     }
 }
 
+/* The threshold of one row (element p at x[p * s_pos]): keep the keys above *t, and the keys equal to *t
+   before position *cut. cand, a, b: scratch of the row's length (with SLACK). */
+static void row_threshold(const steps *s, const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key,
+                          i64 count, int ties_all, uint32_t *cand, uint32_t *a, uint32_t *b, uint32_t *t, i64 *cut) {
+    uint32_t top;
+    const i64 nonzero = s->nonzero_keys(x, len, s_pos, wide, nan_key, cand, &top);
+    /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
+    i64 room = count - nonzero, equal = len - nonzero;
+    *t = nonzero > count ? radix_select(s, cand, nonzero, count, top, wide ? 31 : 15, a, b, &room, &equal) : 0;
+    /* All keys equal to t are kept when they fit (or under the tie rule 'all'), none when room == 0
+       (exactly `count` non-zeros, t == 0), else the first `room`. */
+    *cut = room <= 0 ? 0 : room >= equal || ties_all ? len : tie_cutoff(x, len, s_pos, wide, nan_key, *t, room);
+}
+
+/* The write pass of LANES adjacent channel rows (channel stride 1, position stride s_pos: tokens (N, T, D),
+   channels_last maps) across the channels, LANES contiguous elements at a time: lane l keeps key >= lowest
+   before cut[l] and key > lowest after it. */
+#define LANES 8
+#define WRITE_LANES(NAME, T, MAGNITUDE, ATTR)                                                           \
+    ATTR static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask, i64 len, i64 s_pos, \
+                          uint32_t nan_key, const uint32_t *lowest, const i64 *cut, int invert) {        \
+        const T nan = (T)nan_key;                                                                       \
+        for (i64 p = 0; p < len; p++) {                                                                 \
+            const i64 at = p * s_pos;                                                                   \
+            for (int l = 0; l < LANES; l++) {                                                           \
+                const T k = (T)(x[at + l] & MAGNITUDE) < nan ? (T)(x[at + l] & MAGNITUDE) : nan;        \
+                const T keep = (T)((k >= lowest[l] + (uint32_t)(p >= cut[l])) ^ invert);                \
+                if (mask) mask[at + l] = (uint8_t)keep;                                                 \
+                if (y) y[at + l] = x[at + l] & (T)(0u - keep);                                          \
+            }                                                                                           \
+        }                                                                                               \
+    }
+WRITE_LANES(write_lanes32_plain, uint32_t, 0x7fffffffu, )
+WRITE_LANES(write_lanes16_plain, uint16_t, 0x7fffu, )
+#ifdef HAVE_AVX2_PATH
+WRITE_LANES(write_lanes16_avx2, uint16_t, 0x7fffu, AVX2)
+
+AVX2 static void write_lanes32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mask, i64 len, i64 s_pos,
+                                    uint32_t nan_key, const uint32_t *lowest, const i64 *cut, int invert) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), nan = _mm256_set1_epi32((int)nan_key);
+    const __m256i flip = _mm256_set1_epi32(invert ? -1 : 0), low = _mm256_loadu_si256((const __m256i *)lowest);
+    int32_t cuts[LANES];
+    for (int l = 0; l < LANES; l++) cuts[l] = (int32_t)cut[l];
+    const __m256i cutv = _mm256_loadu_si256((const __m256i *)cuts);
+    for (i64 p = 0; p < len; p++) {
+        const i64 at = p * s_pos;
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(x + at));
+        const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, magnitude), nan);
+        /* lowest + 1 from cut on: p >= cut <=> p + 1 > cut, all ones there, and subtracting -1 adds 1 */
+        const __m256i lowp = _mm256_sub_epi32(low, _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)p + 1), cutv));
+        const __m256i keep = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, lowp), k), flip);
+        if (y) _mm256_storeu_si256((__m256i *)(y + at), _mm256_and_si256(v, keep));
+        if (mask) {
+            const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
+            memcpy(mask + at, &bytes, 8);
+        }
+    }
+}
+
+/* gather_lanes32 by 8x8 transposes in registers. */
+AVX2 static void gather_lanes32_avx2(const uint32_t *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld) {
+    i64 p = 0;
+    for (; p + 8 <= len; p += 8) {
+        __m256i r[8], t[8];
+        for (int j = 0; j < 8; j++) r[j] = _mm256_loadu_si256((const __m256i *)(x + (p + j) * s_pos));
+        for (int j = 0; j < 8; j += 2) {
+            t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+            t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+        }
+        for (int j = 0; j < 8; j += 4) {
+            r[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+            r[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+            r[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+            r[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+        }
+        /* r[0..3]: lanes 0,1,2,3 (low half) and 4,5,6,7 (high half) of positions p..p+3; r[4..7]: p+4..p+7 */
+        for (int j = 0; j < 4; j++) {
+            _mm256_storeu_si256((__m256i *)(rows + j * ld + p), _mm256_permute2x128_si256(r[j], r[j + 4], 0x20));
+            _mm256_storeu_si256((__m256i *)(rows + (j + 4) * ld + p), _mm256_permute2x128_si256(r[j], r[j + 4], 0x31));
+        }
+    }
+    for (; p < len; p++)
+        for (int l = 0; l < LANES; l++) rows[l * ld + p] = x[p * s_pos + l];
+}
+#endif
+
+/* Copy LANES strided rows (element p of lane l at x[p * s_pos + l]) into contiguous rows rows[l * ld + p]. */
+#define GATHER_LANES(NAME, T)                                                                    \
+    static void NAME(const T *restrict x, T *restrict rows, i64 len, i64 s_pos, i64 ld) {       \
+        for (i64 p = 0; p < len; p++)                                                            \
+            for (int l = 0; l < LANES; l++) rows[l * ld + p] = x[p * s_pos + l];                 \
+    }
+GATHER_LANES(gather_lanes32, uint32_t)
+GATHER_LANES(gather_lanes16, uint16_t)
+
+/* Scratch keys per thread for rows of len positions: the row steps' three buffers and LANES gathered rows. */
+i64 topk_scratch_keys(i64 len) { return (3 + LANES) * (len + SLACK); }
+
 /* Rows r = o * inner + i (o < outer, i < inner); element p < len of row r sits at
    offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike.
    Keys: the bit pattern with the sign cleared (so -0.0 == 0.0), every NaN mapped to nan_key (the
    infinity's key + 1): NaN ranks largest, as in torch.topk. y or mask may be NULL.
-   scratch: topk_scratch_keys(len) keys per thread. simd: use AVX2 where the CPU has it. */
+   scratch: topk_scratch_keys(len) keys per thread. simd: use AVX2 where the CPU has it.
+   Where channels are adjacent (s_inner == 1) and positions strided, LANES channels are done together:
+   their rows are gathered into contiguous scratch, and written back across the channels. */
 void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide, uint32_t nan_key,
                  i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
                  i64 count, int ties_all, int invert, int threads, int simd) {
     const steps *s = &PLAIN;
+    int avx2 = 0;
 #ifdef HAVE_AVX2_PATH
-    if (simd && __builtin_cpu_supports("avx2")) s = &WITH_AVX2;
+    if (simd && __builtin_cpu_supports("avx2")) { s = &WITH_AVX2; avx2 = 1; }
 #endif
-    const i64 rows = outer * inner, esize = wide ? 4 : 2;
+    const i64 esize = wide ? 4 : 2, ld = len + SLACK;
+    const i64 groups = s_inner == 1 && s_pos != 1 && len > 1 ? inner / LANES : 0;  /* per outer index */
+    const i64 single = inner - groups * LANES;  /* channels left to do one by one, per outer index */
     #pragma omp parallel num_threads(threads)
     {
         uint32_t *cand = scratch + (size_t)THREAD_ID * (size_t)topk_scratch_keys(len);
-        uint32_t *a = cand + len + SLACK, *b = a + len + SLACK;
+        uint32_t *a = cand + ld, *b = a + ld, *gathered = b + ld;
+        #pragma omp for schedule(static) nowait
+        for (i64 g = 0; g < outer * groups; g++) {
+            const i64 base = ((g / groups) * s_outer + (g % groups) * LANES) * esize;
+            const void *xg = (const char *)x + base;
+            uint32_t lowest[LANES];
+            i64 cut[LANES];
+#ifdef HAVE_AVX2_PATH
+            if (avx2 && wide) gather_lanes32_avx2((const uint32_t *)xg, gathered, len, s_pos, ld);
+#endif
+            if (wide && !avx2) gather_lanes32((const uint32_t *)xg, gathered, len, s_pos, ld);
+            if (!wide) gather_lanes16((const uint16_t *)xg, (uint16_t *)gathered, len, s_pos, ld);
+            for (int l = 0; l < LANES; l++) {
+                const void *row = wide ? (const void *)(gathered + l * ld) : (const void *)((uint16_t *)gathered + l * ld);
+                row_threshold(s, row, len, 1, wide, nan_key, count, ties_all, cand, a, b, &lowest[l], &cut[l]);
+            }
+            void *yg = y ? (char *)y + base : NULL;
+            uint8_t *mg = mask ? mask + base / esize : NULL;
+#ifdef HAVE_AVX2_PATH
+            if (avx2 && wide) { write_lanes32_avx2((const uint32_t *)xg, (uint32_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert); continue; }
+            if (avx2) { write_lanes16_avx2((const uint16_t *)xg, (uint16_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert); continue; }
+#endif
+            if (wide) write_lanes32_plain((const uint32_t *)xg, (uint32_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert);
+            else write_lanes16_plain((const uint16_t *)xg, (uint16_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert);
+        }
         #pragma omp for schedule(static)
-        for (i64 r = 0; r < rows; r++) {
-            const i64 base = ((r / inner) * s_outer + (r % inner) * s_inner) * esize;
+        for (i64 r = 0; r < outer * single; r++) {
+            const i64 base = ((r / single) * s_outer + (groups * LANES + r % single) * s_inner) * esize;
             const void *xr = (const char *)x + base;
             void *yr = y ? (char *)y + base : NULL;
             uint8_t *mr = mask ? mask + base / esize : NULL;
-            uint32_t top;
-            const i64 nonzero = s->nonzero_keys(xr, len, s_pos, wide, nan_key, cand, &top);
-            /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
-            uint32_t t = 0;
-            i64 room = count - nonzero, equal = len - nonzero;
-            if (nonzero > count)
-                t = radix_select(s, cand, nonzero, count, top, wide ? 31 : 15, a, b, &room, &equal);
-            /* Keys equal to t are kept before `cut` and dropped from it on: all of them when they fit (or
-               under the tie rule 'all'), none when room == 0 (exactly `count` non-zeros, t == 0). */
-            const i64 cut = room <= 0 ? 0 : room >= equal || ties_all ? len
-                          : tie_cutoff(xr, len, s_pos, wide, nan_key, t, room);
+            uint32_t t;
+            i64 cut;
+            row_threshold(s, xr, len, s_pos, wide, nan_key, count, ties_all, cand, a, b, &t, &cut);
             if (wide) {
                 s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, 0, cut, s_pos, nan_key, t, invert);
                 s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, cut, len, s_pos, nan_key, t + 1, invert);
