@@ -403,3 +403,22 @@ def test_channel_last_rows_done_eight_channels_at_a_time_match_reference(layout,
         assert y.stride() == x.stride()
         assert_same(_select.select(x, count, mask=False, **options)[0], y)
         assert torch.equal(_select.select(x, count, values=False, **options)[1], kept)
+
+
+@needs_kernel
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("spread", [0, 3, 30])
+def test_rows_spanning_many_exponents_match_reference(simd, dtype, spread):
+    """The kernel finds the first digit by counting down a few half-exponents from the largest key and falls
+    back to histograms when the K-th largest lies further down (outliers, magnitudes over many octaves)."""
+    g = torch.Generator().manual_seed(spread)
+    x = torch.randn(3, 5, 16, 16, generator=g) * 2.0 ** torch.randint(-spread, spread + 1, (3, 5, 16, 16), generator=g)
+    x[0, 0, 0, 0] = 1e4  # one outlier far above the rest
+    x = x.to(dtype)
+    for count in (1, 7, 26, 128, 255):
+        for ties in ("first", "all"):
+            expected = reference_mask(x, count, "spatial", ties)
+            y, mask = _select.select(x, count, kind="spatial", ties=ties, simd=simd)
+            assert torch.equal(mask, expected)
+            assert_same(y, x.masked_fill(~expected, 0))

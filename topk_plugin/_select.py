@@ -30,6 +30,7 @@ import torch
 
 # The key every NaN gets: one above the infinity's bit pattern (sign cleared), so NaN ranks largest.
 NAN_KEYS = {torch.float32: 0x7F800001, torch.float16: 0x7C01, torch.bfloat16: 0x7F81}
+EXPONENT_BITS = {torch.float32: 8, torch.float16: 5, torch.bfloat16: 8}
 DTYPES = tuple(NAN_KEYS)
 
 _SOURCE = r"""
@@ -293,20 +294,22 @@ static const steps PLAIN = {nonzero_keys_plain, compact_plain, rank_select_plain
 static const steps WITH_AVX2 = {nonzero_keys_avx2, compact_avx2, rank_select_avx2, count_above_avx2, write_row32_avx2, write_row16_avx2};
 #endif
 
-/* The need-th largest of cand[0..n) (non-zero keys <= top < 2^nbits): an MSB-first radix select over 8-bit
-   digits (the first by counting, the others by histograms), each level packing the survivors into a shorter
-   list, ranking by counting once at most RANK_MAX candidates are left. *room, *equal as for rank_select.
+/* The need-th largest of cand[0..n) (non-zero keys <= top < 2^nbits): an MSB-first radix select, each level
+   packing the survivors of one digit into a shorter list, ranking by counting once at most RANK_MAX
+   candidates are left. The first digit is the top first_bits bits (the exponent and one more bit), found by
+   counting; the others are 8-bit digits found by histograms. *room, *equal as for rank_select.
    a, b: scratch of n keys; cand, a and b each have SLACK keys after them. */
 static uint32_t radix_select(const steps *s, uint32_t *cand, i64 n, i64 need, uint32_t top, int nbits,
-                             uint32_t *a, uint32_t *b, i64 *room, i64 *equal) {
+                             int first_bits, uint32_t *a, uint32_t *b, i64 *room, i64 *equal) {
     uint32_t counts[256];
     uint32_t prefix = 0;
     int hi = nbits;
     if (n > RANK_MAX) {
-        /* The top digit (the exponent of a float32) by counting the keys at or above each digit below the
-           largest key's, 4 digits per pass: after a ReLU the K-th largest lies a digit or two below the
-           largest, where this costs a fraction of a histogram. Two passes at most, then the histogram. */
-        const int lo = nbits - 8;
+        /* The first digit by counting the keys at or above each digit below the largest key's, 4 digits per
+           pass: after a ReLU the K-th largest lies a few half-exponents below the largest, where this costs
+           a fraction of a histogram; the extra bit halves the candidates left to rank. Two passes at most,
+           then 8-bit histograms from the top. */
+        const int lo = nbits - first_bits;
         i64 above = 0;
         for (int32_t d = (int32_t)(top >> lo), pass = 0; pass < 2; pass++, d -= 4) {
             int32_t bounds[4];
@@ -387,12 +390,13 @@ void topk_masked_grad(const void *grad, const uint8_t *mask, void *out, i64 n, i
 /* The threshold of one row (element p at x[p * s_pos]): keep the keys above *t, and the keys equal to *t
    before position *cut. cand, a, b: scratch of the row's length (with SLACK). */
 static void row_threshold(const steps *s, const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key,
-                          i64 count, int ties_all, uint32_t *cand, uint32_t *a, uint32_t *b, uint32_t *t, i64 *cut) {
+                          int first_bits, i64 count, int ties_all, uint32_t *cand, uint32_t *a, uint32_t *b,
+                          uint32_t *t, i64 *cut) {
     uint32_t top;
     const i64 nonzero = s->nonzero_keys(x, len, s_pos, wide, nan_key, cand, &top);
     /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
     i64 room = count - nonzero, equal = len - nonzero;
-    *t = nonzero > count ? radix_select(s, cand, nonzero, count, top, wide ? 31 : 15, a, b, &room, &equal) : 0;
+    *t = nonzero > count ? radix_select(s, cand, nonzero, count, top, wide ? 31 : 15, first_bits, a, b, &room, &equal) : 0;
     /* All keys equal to t are kept when they fit (or under the tie rule 'all'), none when room == 0
        (exactly `count` non-zeros, t == 0), else the first `room`. */
     *cut = room <= 0 ? 0 : room >= equal || ties_all ? len : tie_cutoff(x, len, s_pos, wide, nan_key, *t, room);
@@ -485,12 +489,12 @@ i64 topk_scratch_keys(i64 len) { return (3 + LANES) * (len + SLACK); }
 /* Rows r = o * inner + i (o < outer, i < inner); element p < len of row r sits at
    offset o * s_outer + i * s_inner + p * s_pos (in elements) of x, y and mask alike.
    Keys: the bit pattern with the sign cleared (so -0.0 == 0.0), every NaN mapped to nan_key (the
-   infinity's key + 1): NaN ranks largest, as in torch.topk. y or mask may be NULL.
-   scratch: topk_scratch_keys(len) keys per thread. simd: use AVX2 where the CPU has it.
+   infinity's key + 1): NaN ranks largest, as in torch.topk. y or mask may be NULL. first_bits: the
+   exponent's width + 1. scratch: topk_scratch_keys(len) keys per thread. simd: use AVX2 where the CPU has it.
    Where channels are adjacent (s_inner == 1) and positions strided, LANES channels are done together:
    their rows are gathered into contiguous scratch, and written back across the channels. */
 void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide, uint32_t nan_key,
-                 i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
+                 int first_bits, i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
                  i64 count, int ties_all, int invert, int threads, int simd) {
     const steps *s = &PLAIN;
     int avx2 = 0;
@@ -517,7 +521,7 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
             if (!wide) gather_lanes16((const uint16_t *)xg, (uint16_t *)gathered, len, s_pos, ld);
             for (int l = 0; l < LANES; l++) {
                 const void *row = wide ? (const void *)(gathered + l * ld) : (const void *)((uint16_t *)gathered + l * ld);
-                row_threshold(s, row, len, 1, wide, nan_key, count, ties_all, cand, a, b, &lowest[l], &cut[l]);
+                row_threshold(s, row, len, 1, wide, nan_key, first_bits, count, ties_all, cand, a, b, &lowest[l], &cut[l]);
             }
             void *yg = y ? (char *)y + base : NULL;
             uint8_t *mg = mask ? mask + base / esize : NULL;
@@ -536,7 +540,7 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
             uint8_t *mr = mask ? mask + base / esize : NULL;
             uint32_t t;
             i64 cut;
-            row_threshold(s, xr, len, s_pos, wide, nan_key, count, ties_all, cand, a, b, &t, &cut);
+            row_threshold(s, xr, len, s_pos, wide, nan_key, first_bits, count, ties_all, cand, a, b, &t, &cut);
             if (wide) {
                 s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, 0, cut, s_pos, nan_key, t, invert);
                 s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, cut, len, s_pos, nan_key, t + 1, invert);
@@ -574,7 +578,8 @@ def _compile(flags: list[str]) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(target))
     lib.topk_select.restype = None
     lib.topk_select.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int,
-                                ctypes.c_uint32, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+                                ctypes.c_uint32, ctypes.c_int, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int,
+                                ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.topk_masked_grad.restype = None
     lib.topk_masked_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64, ctypes.c_int, ctypes.c_int]
     lib.topk_scratch_keys.restype = _I64
@@ -661,7 +666,7 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
         _library().topk_select(
             x.data_ptr() + offset * esize, y.data_ptr() + offset * esize if y is not None else None,
             kept.data_ptr() + offset if kept is not None else None, scratch.data_ptr(), int(esize == 4),
-            NAN_KEYS[x.dtype], *rows, count, int(ties == "all"), int(invert), threads, int(simd))
+            NAN_KEYS[x.dtype], EXPONENT_BITS[x.dtype] + 1, *rows, count, int(ties == "all"), int(invert), threads, int(simd))
     return y, kept
 
 
