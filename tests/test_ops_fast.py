@@ -1,6 +1,9 @@
 """The C kernel (``topk_plugin._select``) against a plain sort-based reference and the torch path; the benchmark."""
 import csv
 import importlib.util
+import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -293,6 +296,20 @@ def test_build_is_cached(tmp_path, monkeypatch):
     assert lib is not None and len(built) == 1
     stamp = built[0].stat().st_mtime_ns
     assert _select._build() is not None and built[0].stat().st_mtime_ns == stamp
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler on this machine")
+@pytest.mark.parametrize("openmp", [True, False])
+def test_kernel_source_compiles_cleanly_wherever_there_is_a_compiler(tmp_path, monkeypatch, openmp):
+    """A broken kernel must fail the suite, not turn every kernel test into a skip (the op would quietly fall
+    back to the torch path): compile it with and without OpenMP, warnings as errors."""
+    monkeypatch.setenv("TOPK_PLUGIN_CACHE", str(tmp_path))
+    threading = ["-fopenmp"] if openmp else ["-Wno-unknown-pragmas"]  # serial: the omp pragmas are ignored
+    try:
+        lib = _select._compile([*_select._FLAGS, "-Wall", "-Werror", *threading])
+    except subprocess.CalledProcessError as err:
+        pytest.fail(f"the kernel does not compile:\n{err.stderr.decode()}")
+    assert lib.topk_scratch_keys(10) > 30
 
 
 def test_disabled_by_environment(monkeypatch):
