@@ -310,10 +310,11 @@ static uint32_t radix_select(const steps *s, uint32_t *cand, i64 n, i64 need, ui
     int hi = nbits;
     if (n > RANK_MAX) {
         /* The first digit by counting the keys at or above each digit below the largest key's, 4 digits per
-           pass: after a ReLU the K-th largest lies a few half-exponents below the largest, where this costs
-           a fraction of a histogram; the extra bit halves the candidates left to rank. Two passes at most,
-           then 8-bit histograms from the top. */
-        const int lo = nbits - first_bits;
+           pass: the K-th largest of an activation map lies a few octaves below the largest, where this costs
+           a fraction of a histogram. Digits are half-octaves (the exponent and one more bit: half the
+           candidates left to rank) when need is in the upper half, where the K-th lies close to the top;
+           octaves below it (fewer steps down). Two passes at most, then 8-bit histograms from the top. */
+        const int lo = nbits - first_bits + (2 * need > n);
         i64 above = 0;
         for (int32_t d = (int32_t)(top >> lo), pass = 0; pass < 2; pass++, d -= 4) {
             int32_t bounds[4];
