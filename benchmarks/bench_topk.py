@@ -10,7 +10,8 @@ Baseline: a re-implementation of the paper's layer — ``|x|.topk`` indices, a f
 tensor, so ``ours/clone`` says how far the op is from memory speed. Each case reports the best of
 ``--repeats`` timings taken in turn (baseline, ours, clone, ...), so every ratio compares runs of one
 moment; before timing, each op case checks that the baseline and ours compute the same output. Inputs are
-random tensors and randomly initialised torchvision models (no data is read).
+random tensors and randomly initialised torchvision models (no data is read). By default glibc keeps freed
+memory (``--allocator steady``, see ``keep_freed_memory``), so no timing includes page faults.
 """
 from __future__ import annotations
 

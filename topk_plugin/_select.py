@@ -3,18 +3,24 @@
 The magnitude ``|x|`` of an IEEE float, read as an unsigned integer with the sign bit cleared, orders
 exactly like the magnitude itself (-0.0 and 0.0 get the same key); every NaN gets one key above the
 infinity's, so NaN ranks largest as in ``torch.topk``. Per channel row, one pass packs the non-zero keys
-(after a ReLU about half the row; zeros never need ranking, they rank below every non-zero). If at most K
-are non-zero the threshold is 0; otherwise the K-th largest key is found by an MSB-first radix select over
-8-bit digits (a histogram, then the survivors of the chosen digit packed into a shorter list), and once at
-most 32 candidates are left they are ranked by counting, which costs less than another 256-bin histogram.
+(after a ReLU about half the row; zeros rank below every non-zero and never need ranking). If at most K are
+non-zero the threshold is 0; otherwise an MSB-first radix select finds the K-th largest key. Its first digit
+(the exponent, plus one bit when K is in the upper half) is found by counting the keys above a few digits
+below the largest key's, where the K-th largest of an activation map lies; later digits by 8-bit
+histograms; each level packs the survivors into a shorter list, and the last <= 32 are ranked by counting.
 One final pass writes the masked values and/or the boolean mask (only what the caller asks for) from the
 threshold and, for the tie rule 'first' of ``ops.py``, the position after which ties are dropped.
 
-On x86-64 the packing, ranking and writing loops also exist as AVX2 versions (packing by a permute table),
-chosen at run time when the CPU has AVX2; elsewhere the portable loops run. The kernel is plain C (no torch
-headers), compiled on first use with the system C compiler into a cache directory (``$TOPK_PLUGIN_CACHE``,
-default ``~/.cache/topk_plugin``) and loaded with ``ctypes``, which releases the GIL. If no compiler works,
-or ``TOPK_PLUGIN_NO_EXT=1``, ``available()`` is False and the op uses its pure-torch path (``_library.py``).
+Channel-last rows (tokens (N, T, D), channels_last maps: positions strided, channels adjacent) are done 8
+channels at a time: gathered into contiguous rows by 8x8 transposes, written back across the channels. On
+x86-64 the packing (a permute table), counting, ranking, gathering and writing loops also exist as AVX2
+versions, chosen at run time when the CPU has AVX2; elsewhere the portable loops run. ``masked_grad`` is the
+backward: the gradient where the mask is set, in one pass.
+
+The kernel is plain C (no torch headers), compiled on first use with the system C compiler into a cache
+directory (``$TOPK_PLUGIN_CACHE``, default ``~/.cache/topk_plugin``) and loaded with ``ctypes``, which
+releases the GIL. If no compiler works, or ``TOPK_PLUGIN_NO_EXT=1``, ``available()`` is False and the op
+uses its pure-torch path (``_library.py``).
 """
 from __future__ import annotations
 
@@ -283,6 +289,93 @@ AVX2 static i64 compact_avx2(const uint32_t *src, i64 n, int lo, uint32_t want, 
 }
 #endif
 
+/* The write pass of LANES adjacent channel rows (channel stride 1, position stride s_pos: tokens (N, T, D),
+   channels_last maps) across the channels, LANES contiguous elements at a time: lane l keeps key >= lowest
+   before cut[l] and key > lowest after it. */
+#define LANES 8
+#define WRITE_LANES(NAME, T, MAGNITUDE, ATTR)                                                           \
+    ATTR static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask, i64 len, i64 s_pos, \
+                          uint32_t nan_key, const uint32_t *lowest, const i64 *cut, int invert) {        \
+        const T nan = (T)nan_key;                                                                       \
+        for (i64 p = 0; p < len; p++) {                                                                 \
+            const i64 at = p * s_pos;                                                                   \
+            for (int l = 0; l < LANES; l++) {                                                           \
+                const T k = (T)(x[at + l] & MAGNITUDE) < nan ? (T)(x[at + l] & MAGNITUDE) : nan;        \
+                const T keep = (T)((k >= lowest[l] + (uint32_t)(p >= cut[l])) ^ invert);                \
+                if (mask) mask[at + l] = (uint8_t)keep;                                                 \
+                if (y) y[at + l] = x[at + l] & (T)(0u - keep);                                          \
+            }                                                                                           \
+        }                                                                                               \
+    }
+WRITE_LANES(write_lanes32_plain, uint32_t, 0x7fffffffu, )
+WRITE_LANES(write_lanes16_plain, uint16_t, 0x7fffu, )
+#ifdef HAVE_AVX2_PATH
+WRITE_LANES(write_lanes16_avx2, uint16_t, 0x7fffu, AVX2)
+
+AVX2 static void write_lanes32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mask, i64 len, i64 s_pos,
+                                    uint32_t nan_key, const uint32_t *lowest, const i64 *cut, int invert) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), nan = _mm256_set1_epi32((int)nan_key);
+    const __m256i flip = _mm256_set1_epi32(invert ? -1 : 0), low = _mm256_loadu_si256((const __m256i *)lowest);
+    int32_t cuts[LANES];
+    for (int l = 0; l < LANES; l++) cuts[l] = (int32_t)cut[l];
+    const __m256i cutv = _mm256_loadu_si256((const __m256i *)cuts);
+    for (i64 p = 0; p < len; p++) {
+        const i64 at = p * s_pos;
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(x + at));
+        const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, magnitude), nan);
+        /* lowest + 1 from cut on: p >= cut <=> p + 1 > cut, all ones there, and subtracting -1 adds 1 */
+        const __m256i lowp = _mm256_sub_epi32(low, _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)p + 1), cutv));
+        const __m256i keep = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, lowp), k), flip);
+        if (y) {
+            _mm256_storeu_si256((__m256i *)(y + at), _mm256_and_si256(v, keep));
+            __builtin_prefetch(y + at + NEXT_LINE, 1, 3);
+        }
+        if (mask) {
+            const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
+            memcpy(mask + at, &bytes, 8);
+        }
+    }
+}
+
+/* gather_lanes32 by 8x8 transposes in registers. */
+AVX2 static void gather_lanes32_avx2(const uint32_t *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld) {
+    i64 p = 0;
+    for (; p + 8 <= len; p += 8) {
+        __m256i r[8], t[8];
+        for (int j = 0; j < 8; j++) {
+            r[j] = _mm256_loadu_si256((const __m256i *)(x + (p + j) * s_pos));
+            __builtin_prefetch(x + (p + j) * s_pos + NEXT_LINE, 0, 3);
+        }
+        for (int j = 0; j < 8; j += 2) {
+            t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
+            t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
+        }
+        for (int j = 0; j < 8; j += 4) {
+            r[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
+            r[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
+            r[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
+            r[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
+        }
+        /* r[0..3]: lanes 0,1,2,3 (low half) and 4,5,6,7 (high half) of positions p..p+3; r[4..7]: p+4..p+7 */
+        for (int j = 0; j < 4; j++) {
+            _mm256_storeu_si256((__m256i *)(rows + j * ld + p), _mm256_permute2x128_si256(r[j], r[j + 4], 0x20));
+            _mm256_storeu_si256((__m256i *)(rows + (j + 4) * ld + p), _mm256_permute2x128_si256(r[j], r[j + 4], 0x31));
+        }
+    }
+    for (; p < len; p++)
+        for (int l = 0; l < LANES; l++) rows[l * ld + p] = x[p * s_pos + l];
+}
+#endif
+
+/* Copy LANES strided rows (element p of lane l at x[p * s_pos + l]) into contiguous rows rows[l * ld + p]. */
+#define GATHER_LANES(NAME, T)                                                                    \
+    static void NAME(const T *restrict x, T *restrict rows, i64 len, i64 s_pos, i64 ld) {       \
+        for (i64 p = 0; p < len; p++)                                                            \
+            for (int l = 0; l < LANES; l++) rows[l * ld + p] = x[p * s_pos + l];                 \
+    }
+GATHER_LANES(gather_lanes32, uint32_t)
+GATHER_LANES(gather_lanes16, uint16_t)
+
 /* One instruction set's versions of the row steps that vectorise. */
 typedef struct {
     i64 (*nonzero_keys)(const void *, i64, i64, int, uint32_t, uint32_t *, uint32_t *);
@@ -291,11 +384,18 @@ typedef struct {
     void (*count_above)(const uint32_t *, i64, const int32_t *, i64 *);
     void (*write32)(const uint32_t *, uint32_t *, uint8_t *, i64, i64, i64, uint32_t, uint32_t, int);
     void (*write16)(const uint16_t *, uint16_t *, uint8_t *, i64, i64, i64, uint32_t, uint32_t, int);
+    void (*gather_lanes32)(const uint32_t *, uint32_t *, i64, i64, i64);
+    void (*write_lanes32)(const uint32_t *, uint32_t *, uint8_t *, i64, i64, uint32_t, const uint32_t *, const i64 *, int);
+    void (*write_lanes16)(const uint16_t *, uint16_t *, uint8_t *, i64, i64, uint32_t, const uint32_t *, const i64 *, int);
 } steps;
 
-static const steps PLAIN = {nonzero_keys_plain, compact_plain, rank_select_plain, count_above_plain, write_row32_plain, write_row16_plain};
+static const steps PLAIN = {nonzero_keys_plain, compact_plain, rank_select_plain, count_above_plain,
+                            write_row32_plain, write_row16_plain,
+                            gather_lanes32, write_lanes32_plain, write_lanes16_plain};
 #ifdef HAVE_AVX2_PATH
-static const steps WITH_AVX2 = {nonzero_keys_avx2, compact_avx2, rank_select_avx2, count_above_avx2, write_row32_avx2, write_row16_avx2};
+static const steps WITH_AVX2 = {nonzero_keys_avx2, compact_avx2, rank_select_avx2, count_above_avx2,
+                                write_row32_avx2, write_row16_avx2,
+                                gather_lanes32_avx2, write_lanes32_avx2, write_lanes16_avx2};
 #endif
 
 /* The need-th largest of cand[0..n) (non-zero keys <= top < 2^nbits): an MSB-first radix select, each level
@@ -407,93 +507,6 @@ static void row_threshold(const steps *s, const void *x, i64 len, i64 s_pos, int
     *cut = room <= 0 ? 0 : room >= equal || ties_all ? len : tie_cutoff(x, len, s_pos, wide, nan_key, *t, room);
 }
 
-/* The write pass of LANES adjacent channel rows (channel stride 1, position stride s_pos: tokens (N, T, D),
-   channels_last maps) across the channels, LANES contiguous elements at a time: lane l keeps key >= lowest
-   before cut[l] and key > lowest after it. */
-#define LANES 8
-#define WRITE_LANES(NAME, T, MAGNITUDE, ATTR)                                                           \
-    ATTR static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask, i64 len, i64 s_pos, \
-                          uint32_t nan_key, const uint32_t *lowest, const i64 *cut, int invert) {        \
-        const T nan = (T)nan_key;                                                                       \
-        for (i64 p = 0; p < len; p++) {                                                                 \
-            const i64 at = p * s_pos;                                                                   \
-            for (int l = 0; l < LANES; l++) {                                                           \
-                const T k = (T)(x[at + l] & MAGNITUDE) < nan ? (T)(x[at + l] & MAGNITUDE) : nan;        \
-                const T keep = (T)((k >= lowest[l] + (uint32_t)(p >= cut[l])) ^ invert);                \
-                if (mask) mask[at + l] = (uint8_t)keep;                                                 \
-                if (y) y[at + l] = x[at + l] & (T)(0u - keep);                                          \
-            }                                                                                           \
-        }                                                                                               \
-    }
-WRITE_LANES(write_lanes32_plain, uint32_t, 0x7fffffffu, )
-WRITE_LANES(write_lanes16_plain, uint16_t, 0x7fffu, )
-#ifdef HAVE_AVX2_PATH
-WRITE_LANES(write_lanes16_avx2, uint16_t, 0x7fffu, AVX2)
-
-AVX2 static void write_lanes32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mask, i64 len, i64 s_pos,
-                                    uint32_t nan_key, const uint32_t *lowest, const i64 *cut, int invert) {
-    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), nan = _mm256_set1_epi32((int)nan_key);
-    const __m256i flip = _mm256_set1_epi32(invert ? -1 : 0), low = _mm256_loadu_si256((const __m256i *)lowest);
-    int32_t cuts[LANES];
-    for (int l = 0; l < LANES; l++) cuts[l] = (int32_t)cut[l];
-    const __m256i cutv = _mm256_loadu_si256((const __m256i *)cuts);
-    for (i64 p = 0; p < len; p++) {
-        const i64 at = p * s_pos;
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(x + at));
-        const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, magnitude), nan);
-        /* lowest + 1 from cut on: p >= cut <=> p + 1 > cut, all ones there, and subtracting -1 adds 1 */
-        const __m256i lowp = _mm256_sub_epi32(low, _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)p + 1), cutv));
-        const __m256i keep = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, lowp), k), flip);
-        if (y) {
-            _mm256_storeu_si256((__m256i *)(y + at), _mm256_and_si256(v, keep));
-            __builtin_prefetch(y + at + NEXT_LINE, 1, 3);
-        }
-        if (mask) {
-            const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
-            memcpy(mask + at, &bytes, 8);
-        }
-    }
-}
-
-/* gather_lanes32 by 8x8 transposes in registers. */
-AVX2 static void gather_lanes32_avx2(const uint32_t *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld) {
-    i64 p = 0;
-    for (; p + 8 <= len; p += 8) {
-        __m256i r[8], t[8];
-        for (int j = 0; j < 8; j++) {
-            r[j] = _mm256_loadu_si256((const __m256i *)(x + (p + j) * s_pos));
-            __builtin_prefetch(x + (p + j) * s_pos + NEXT_LINE, 0, 3);
-        }
-        for (int j = 0; j < 8; j += 2) {
-            t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
-            t[j + 1] = _mm256_unpackhi_epi32(r[j], r[j + 1]);
-        }
-        for (int j = 0; j < 8; j += 4) {
-            r[j] = _mm256_unpacklo_epi64(t[j], t[j + 2]);
-            r[j + 1] = _mm256_unpackhi_epi64(t[j], t[j + 2]);
-            r[j + 2] = _mm256_unpacklo_epi64(t[j + 1], t[j + 3]);
-            r[j + 3] = _mm256_unpackhi_epi64(t[j + 1], t[j + 3]);
-        }
-        /* r[0..3]: lanes 0,1,2,3 (low half) and 4,5,6,7 (high half) of positions p..p+3; r[4..7]: p+4..p+7 */
-        for (int j = 0; j < 4; j++) {
-            _mm256_storeu_si256((__m256i *)(rows + j * ld + p), _mm256_permute2x128_si256(r[j], r[j + 4], 0x20));
-            _mm256_storeu_si256((__m256i *)(rows + (j + 4) * ld + p), _mm256_permute2x128_si256(r[j], r[j + 4], 0x31));
-        }
-    }
-    for (; p < len; p++)
-        for (int l = 0; l < LANES; l++) rows[l * ld + p] = x[p * s_pos + l];
-}
-#endif
-
-/* Copy LANES strided rows (element p of lane l at x[p * s_pos + l]) into contiguous rows rows[l * ld + p]. */
-#define GATHER_LANES(NAME, T)                                                                    \
-    static void NAME(const T *restrict x, T *restrict rows, i64 len, i64 s_pos, i64 ld) {       \
-        for (i64 p = 0; p < len; p++)                                                            \
-            for (int l = 0; l < LANES; l++) rows[l * ld + p] = x[p * s_pos + l];                 \
-    }
-GATHER_LANES(gather_lanes32, uint32_t)
-GATHER_LANES(gather_lanes16, uint16_t)
-
 /* Scratch keys per thread for rows of len positions: the row steps' three buffers and LANES gathered rows. */
 i64 topk_scratch_keys(i64 len) { return (3 + LANES) * (len + SLACK); }
 
@@ -508,9 +521,8 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
                  int first_bits, i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
                  i64 count, int ties_all, int invert, int threads, int simd) {
     const steps *s = &PLAIN;
-    int avx2 = 0;
 #ifdef HAVE_AVX2_PATH
-    if (simd && __builtin_cpu_supports("avx2")) { s = &WITH_AVX2; avx2 = 1; }
+    if (simd && __builtin_cpu_supports("avx2")) s = &WITH_AVX2;
 #endif
     const i64 esize = wide ? 4 : 2, ld = len + SLACK;
     const i64 groups = s_inner == 1 && s_pos != 1 && len > 1 ? inner / LANES : 0;  /* per outer index */
@@ -523,25 +535,18 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
         for (i64 g = 0; g < outer * groups; g++) {
             const i64 base = ((g / groups) * s_outer + (g % groups) * LANES) * esize;
             const void *xg = (const char *)x + base;
+            void *yg = y ? (char *)y + base : NULL;
+            uint8_t *mg = mask ? mask + base / esize : NULL;
             uint32_t lowest[LANES];
             i64 cut[LANES];
-#ifdef HAVE_AVX2_PATH
-            if (avx2 && wide) gather_lanes32_avx2((const uint32_t *)xg, gathered, len, s_pos, ld);
-#endif
-            if (wide && !avx2) gather_lanes32((const uint32_t *)xg, gathered, len, s_pos, ld);
-            if (!wide) gather_lanes16((const uint16_t *)xg, (uint16_t *)gathered, len, s_pos, ld);
+            if (wide) s->gather_lanes32((const uint32_t *)xg, gathered, len, s_pos, ld);
+            else gather_lanes16((const uint16_t *)xg, (uint16_t *)gathered, len, s_pos, ld);
             for (int l = 0; l < LANES; l++) {
                 const void *row = wide ? (const void *)(gathered + l * ld) : (const void *)((uint16_t *)gathered + l * ld);
                 row_threshold(s, row, len, 1, wide, nan_key, first_bits, count, ties_all, cand, a, b, &lowest[l], &cut[l]);
             }
-            void *yg = y ? (char *)y + base : NULL;
-            uint8_t *mg = mask ? mask + base / esize : NULL;
-#ifdef HAVE_AVX2_PATH
-            if (avx2 && wide) { write_lanes32_avx2((const uint32_t *)xg, (uint32_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert); continue; }
-            if (avx2) { write_lanes16_avx2((const uint16_t *)xg, (uint16_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert); continue; }
-#endif
-            if (wide) write_lanes32_plain((const uint32_t *)xg, (uint32_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert);
-            else write_lanes16_plain((const uint16_t *)xg, (uint16_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert);
+            if (wide) s->write_lanes32((const uint32_t *)xg, (uint32_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert);
+            else s->write_lanes16((const uint16_t *)xg, (uint16_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert);
         }
         #pragma omp for schedule(static)
         for (i64 r = 0; r < outer * single; r++) {
