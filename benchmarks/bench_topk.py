@@ -20,6 +20,7 @@ import copy
 import ctypes
 import os
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -94,20 +95,33 @@ def keep_freed_memory() -> bool:
 
 
 def race(fns: dict, device: torch.device, repeats: int) -> dict:
-    """Best wall time (ms) of each function over ``repeats`` rounds that run them in turn; on CPU also the
-    best process CPU time (key ``name + "_cpu"``), which other processes on a busy machine disturb less."""
+    """Best wall time (ms) of each function over ``repeats`` rounds that run them in turn, each round starting
+    one function later (no function always follows the same one); on CPU also the best process CPU time
+    (key ``name + "_cpu"``), which other processes on a busy machine disturb less. Key ``"rounds"``: every
+    round's wall times, for ratios paired within a round (``paired_overhead``)."""
     for fn in fns.values():
         fn()
+    names = list(fns)
     best = {f"{name}{clock}": float("inf") for name in fns for clock in ("", "_cpu")}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    rounds = []
+    for r in range(repeats):
+        times = {}
+        for name in names[r % len(names):] + names[:r % len(names)]:
             synchronize(device)
             start, start_cpu = time.perf_counter(), time.process_time()
-            fn()
+            fns[name]()
             synchronize(device)
-            best[name] = min(best[name], (time.perf_counter() - start) * 1e3)
+            times[name] = (time.perf_counter() - start) * 1e3
+            best[name] = min(best[name], times[name])
             best[name + "_cpu"] = min(best[name + "_cpu"], (time.process_time() - start_cpu) * 1e3)
-    return best
+        rounds.append(times)
+    return {**best, "rounds": rounds}
+
+
+def paired_overhead(ms: dict, name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time over ``reference``'s in the same round, as a % overhead: slow
+    drifts of a shared machine move both timings of a round together, so this is steadier than best-of."""
+    return 100 * (statistics.median(t[name] / t[reference] for t in ms["rounds"]) - 1)
 
 
 def saved_bytes_per_element(fn, x: torch.Tensor) -> float:
@@ -182,7 +196,9 @@ def model_rows(names, batch, device, repeats) -> list[dict]:
                      "dense_ms": ms["dense"], "baseline_ms": ms["baseline"], "ours_ms": ms["ours"],
                      "baseline/ours": ms["baseline"] / ms["ours"],
                      "baseline_overhead_%": 100 * (ms["baseline"] / ms["dense"] - 1),
-                     "ours_overhead_%": 100 * (ms["ours"] / ms["dense"] - 1)})
+                     "ours_overhead_%": 100 * (ms["ours"] / ms["dense"] - 1),
+                     "baseline_overhead_paired_%": paired_overhead(ms, "baseline", "dense"),
+                     "ours_overhead_paired_%": paired_overhead(ms, "ours", "dense")})
         if device.type == "cpu":
             rows[-1].update({"baseline_overhead_cpu_%": 100 * (ms["baseline_cpu"] / ms["dense_cpu"] - 1),
                              "ours_overhead_cpu_%": 100 * (ms["ours_cpu"] / ms["dense_cpu"] - 1)})

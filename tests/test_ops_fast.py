@@ -347,6 +347,12 @@ def test_benchmark_baseline_is_the_same_op_and_smoke_run_writes_its_table(tmp_pa
                        topk(tokens, 0.6, kind="token", num_prefix_tokens=1)[:, 1:])
     with pytest.raises(AssertionError, match="differ"):  # it refuses to time two different computations
         bench.same_output(bench.paper_topk(x, 0.1), topk(x, 0.2), "op")
+    # paired: the median of per-round ratios, not a ratio of bests (a slow round moves both of its timings)
+    rounds = [{"ours": 102.0, "dense": 100.0}, {"ours": 210.0, "dense": 200.0}, {"ours": 90.0, "dense": 100.0}]
+    assert bench.paired_overhead({"rounds": rounds}, "ours", "dense") == pytest.approx(2.0)
+    calls = []
+    timed = bench.race({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, torch.device("cpu"), 2)
+    assert calls == ["a", "b", "a", "b", "b", "a"] and len(timed["rounds"]) == 2  # warm-up, then rotated rounds
 
     out = tmp_path / "bench"
     rows = bench.main(["--smoke", "--out", str(out), "--device", "cpu", "--allocator", "system"])
@@ -356,6 +362,8 @@ def test_benchmark_baseline_is_the_same_op_and_smoke_run_writes_its_table(tmp_pa
             assert row["ours_saved_B/elem"] == 1.0 and row["baseline_saved_B/elem"] >= 4.0
         if row["case"] != "model forward":
             assert row["clone_ms"] > 0 and "ours/clone" in row
+        else:
+            assert abs(row["ours_overhead_paired_%"]) < 1000 and abs(row["baseline_overhead_paired_%"]) < 1000
     with open(out / "bench_topk.csv") as f:
         assert [r["case"] for r in csv.DictReader(f)] == [r["case"] for r in rows]
     assert (out / "bench_topk.png").stat().st_size > 0 and (out / "bench_topk.pdf").stat().st_size > 0
