@@ -212,11 +212,12 @@ def _(grad, mask):
 
 def _save_mask(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.set_materialize_grads(False)  # the mask output gets no gradient: no zeros tensor made for it
 
 
 def _backward(ctx, grad, _grad_mask):
     (mask,) = ctx.saved_tensors
-    return masked_grad(grad, mask), None, None, None, None, None
+    return (None if grad is None else masked_grad(grad, mask)), None, None, None, None, None
 
 
 def _save_grad_mask(ctx, inputs, output):

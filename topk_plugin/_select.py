@@ -63,7 +63,6 @@ typedef int64_t i64;
    next) while they read or write this one (measured: -24% on (64, 197, 768) tokens). */
 #define NEXT_LINE 16
 
-
 /* Histogram of the digit (c >> lo) & dmask into counts (zeroed here). Inputs of 256 keys or more count
    into 4 tables to break the store-to-load chain when most keys share a digit (activations share few
    exponents); merging the tables costs less than the chain already at 256 keys. */
@@ -87,10 +86,10 @@ static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, uint32_t
 }
 
 /* The need-th largest of few candidates: the smallest key with fewer than `need` keys above it, found by
-   counting. O(n^2) but branch-free and vectorised, with no 256-bin histogram to clear and scan. Keys are
-   below 2^31, so signed compares order them. Zeros pad cand to whole vectors (cand has the room): no key is
-   below 0, so they never count as above. *room: how many keys equal to the result are among the `need`
-   largest; *equal: how many keys equal it. */
+   counting the keys above each candidate, a vector of candidates at a time. O(n^2) but branch-free, with no
+   256-bin histogram to clear and scan. Keys are below 2^31, so signed compares order them. INT32_MAX pads
+   the candidates to whole vectors (cand has the room): never below the result, so never chosen. *room: how
+   many keys equal to the result are among the `need` largest; *equal: how many keys equal it. */
 #define RANK_SELECT(NAME, ATTR)                                                                  \
     ATTR static uint32_t NAME(uint32_t *cand, i64 n, i64 need, i64 *room, i64 *equal) {        \
         const int32_t *s = (const int32_t *)cand;                                                \
@@ -229,8 +228,8 @@ WRITE_ROW(write_row32_avx2, uint32_t, 0x7fffffffu, AVX2)
 WRITE_ROW(write_row16_avx2, uint16_t, 0x7fffu, AVX2)
 
 /* LEFT_PACK[bits]: the lane numbers of the set bits of an 8-lane mask, lowest first, one per byte; a
-   permute by them packs the selected lanes to the front of a vector (stream compaction). */
-/* BYTES_OF[bits]: byte j is bit j of an 8-lane mask (0 or 1): a bool mask from a vector compare. */
+   permute by them packs the selected lanes to the front of a vector (stream compaction).
+   BYTES_OF[bits]: byte j is bit j of an 8-lane mask (0 or 1): a bool mask from a vector compare. */
 static uint64_t LEFT_PACK[256], BYTES_OF[256];
 __attribute__((constructor)) static void build_tables(void) {
     for (int bits = 0; bits < 256; bits++) {
