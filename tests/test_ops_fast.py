@@ -409,7 +409,7 @@ def test_gradient_of_the_gradient_is_masked_too():
 
 @needs_kernel
 @settings(max_examples=80, deadline=None)
-@given(layout=st.sampled_from(["tokens", "channels_last"]), channels=st.sampled_from([8, 11, 16, 21]),
+@given(layout=st.sampled_from(["tokens", "channels_last"]), channels=st.sampled_from([8, 11, 16, 21, 35]),
        positions=st.integers(2, 40), levels=st.sampled_from([2, 5, 0]), special=st.floats(0, 0.3),
        zeros=st.floats(0, 0.7), fraction=st.floats(0, 1), ties=st.sampled_from(["first", "all"]),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1), simd=st.booleans())

@@ -12,7 +12,8 @@ One final pass writes the masked values and/or the boolean mask (only what the c
 threshold and, for the tie rule 'first' of ``ops.py``, the position after which ties are dropped.
 
 Channel-last rows (tokens (N, T, D), channels_last maps: positions strided, channels adjacent) are done 8
-channels at a time: gathered into contiguous rows by 8x8 transposes, written back across the channels. On
+channels at a time: their keys gathered into contiguous rows by 8x8 transposes (zeros too: the gather
+counts them, and packing would cost another pass), the values written back across the channels. On
 x86-64 the packing (a permute table), counting, ranking, gathering and writing loops also exist as AVX2
 versions, chosen at run time when the CPU has AVX2; elsewhere the portable loops run. ``masked_grad`` is the
 backward: the gradient where the mask is set, in one pass.
@@ -337,13 +338,19 @@ AVX2 static void write_lanes32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mas
 }
 
 /* gather_lanes32 by 8x8 transposes in registers. */
-AVX2 static void gather_lanes32_avx2(const uint32_t *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld) {
+AVX2 static void gather_lanes32_avx2(const uint32_t *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld, uint32_t nan_key,
+                                    uint32_t *top, i64 *nonzero) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), nan = _mm256_set1_epi32((int)nan_key);
+    __m256i vtop = _mm256_setzero_si256(), vzeros = _mm256_setzero_si256();
     i64 p = 0;
     for (; p + 8 <= len; p += 8) {
         __m256i r[8], t[8];
-        for (int j = 0; j < 8; j++) {
-            r[j] = _mm256_loadu_si256((const __m256i *)(x + (p + j) * s_pos));
+        for (int j = 0; j < 8; j++) {  /* keys of 8 positions, one vector across the 8 channels each */
+            r[j] = _mm256_min_epu32(_mm256_and_si256(_mm256_loadu_si256((const __m256i *)(x + (p + j) * s_pos)),
+                                                     magnitude), nan);
             __builtin_prefetch(x + (p + j) * s_pos + NEXT_LINE, 0, 3);
+            vtop = _mm256_max_epu32(vtop, r[j]);
+            vzeros = _mm256_sub_epi32(vzeros, _mm256_cmpeq_epi32(r[j], _mm256_setzero_si256()));
         }
         for (int j = 0; j < 8; j += 2) {
             t[j] = _mm256_unpacklo_epi32(r[j], r[j + 1]);
@@ -361,19 +368,40 @@ AVX2 static void gather_lanes32_avx2(const uint32_t *x, uint32_t *rows, i64 len,
             _mm256_storeu_si256((__m256i *)(rows + (j + 4) * ld + p), _mm256_permute2x128_si256(r[j], r[j + 4], 0x31));
         }
     }
-    for (; p < len; p++)
-        for (int l = 0; l < LANES; l++) rows[l * ld + p] = x[p * s_pos + l];
+    uint32_t tops[LANES], zeros[LANES];
+    _mm256_storeu_si256((__m256i *)tops, vtop);
+    _mm256_storeu_si256((__m256i *)zeros, vzeros);
+    for (int l = 0; l < LANES; l++) {
+        for (i64 q = p; q < len; q++) {
+            const uint32_t k = key_of(x, q * s_pos + l, 1, nan_key);
+            rows[l * ld + q] = k;
+            tops[l] = k > tops[l] ? k : tops[l];
+            zeros[l] += k == 0;
+        }
+        top[l] = tops[l];
+        nonzero[l] = len - zeros[l];
+    }
 }
 #endif
 
-/* Copy LANES strided rows (element p of lane l at x[p * s_pos + l]) into contiguous rows rows[l * ld + p]. */
-#define GATHER_LANES(NAME, T)                                                                    \
-    static void NAME(const T *restrict x, T *restrict rows, i64 len, i64 s_pos, i64 ld) {       \
-        for (i64 p = 0; p < len; p++)                                                            \
-            for (int l = 0; l < LANES; l++) rows[l * ld + p] = x[p * s_pos + l];                 \
-    }
-GATHER_LANES(gather_lanes32, uint32_t)
-GATHER_LANES(gather_lanes16, uint16_t)
+/* The keys of LANES strided rows (element p of lane l at x[p * s_pos + l]) into contiguous rows
+   rows[l * ld + p]; top[l]: lane l's largest key, nonzero[l]: how many of its keys are not 0. */
+static void gather_lanes(const void *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld, int wide, uint32_t nan_key,
+                         uint32_t *top, i64 *nonzero) {
+    for (int l = 0; l < LANES; l++) { top[l] = 0; nonzero[l] = 0; }
+    for (i64 p = 0; p < len; p++)
+        for (int l = 0; l < LANES; l++) {
+            const uint32_t k = key_of(x, p * s_pos + l, wide, nan_key);
+            rows[l * ld + p] = k;
+            top[l] = k > top[l] ? k : top[l];
+            nonzero[l] += k != 0;
+        }
+}
+
+static void gather_lanes32(const uint32_t *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld, uint32_t nan_key,
+                           uint32_t *top, i64 *nonzero) {
+    gather_lanes(x, rows, len, s_pos, ld, 1, nan_key, top, nonzero);
+}
 
 /* One instruction set's versions of the row steps that vectorise. */
 typedef struct {
@@ -383,7 +411,7 @@ typedef struct {
     void (*count_above)(const uint32_t *, i64, const int32_t *, i64 *);
     void (*write32)(const uint32_t *, uint32_t *, uint8_t *, i64, i64, i64, uint32_t, uint32_t, int);
     void (*write16)(const uint16_t *, uint16_t *, uint8_t *, i64, i64, i64, uint32_t, uint32_t, int);
-    void (*gather_lanes32)(const uint32_t *, uint32_t *, i64, i64, i64);
+    void (*gather_lanes32)(const uint32_t *, uint32_t *, i64, i64, i64, uint32_t, uint32_t *, i64 *);
     void (*write_lanes32)(const uint32_t *, uint32_t *, uint8_t *, i64, i64, uint32_t, const uint32_t *, const i64 *, int);
     void (*write_lanes16)(const uint16_t *, uint16_t *, uint8_t *, i64, i64, uint32_t, const uint32_t *, const i64 *, int);
 } steps;
@@ -491,19 +519,29 @@ void topk_masked_grad(const void *grad, const uint8_t *mask, void *out, i64 n, i
     }
 }
 
-/* The threshold of one row (element p at x[p * s_pos]): keep the keys above *t, and the keys equal to *t
-   before position *cut. cand, a, b: scratch of the row's length (with SLACK). */
+/* The threshold of one row (element p at x[p * s_pos], wide: 32-bit elements) from candidate keys
+   cand[0..n) of nbits bits: its non-zero keys, or all its keys; nonzero of them are non-zero, top is the
+   largest. Keep the keys above *t, and the keys equal to *t before position *cut. a, b: scratch of n keys. */
+static void threshold(const steps *s, uint32_t *cand, i64 n, i64 nonzero, uint32_t top, int nbits,
+                      const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key, int first_bits, i64 count,
+                      int ties_all, uint32_t *a, uint32_t *b, uint32_t *t, i64 *cut) {
+    /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
+    i64 room = count - nonzero, equal = len - nonzero;
+    *t = nonzero > count ? radix_select(s, cand, n, count, top, nbits, first_bits, a, b, &room, &equal) : 0;
+    /* All keys equal to t are kept when they fit (or under the tie rule 'all'), none when room == 0
+       (exactly `count` non-zeros, t == 0), else the first `room`. */
+    *cut = room <= 0 ? 0 : room >= equal || ties_all ? len : tie_cutoff(x, len, s_pos, wide, nan_key, *t, room);
+}
+
+/* The threshold of one row (element p at x[p * s_pos]) as threshold() sets it; the row's non-zero keys are
+   packed into cand first. */
 static void row_threshold(const steps *s, const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key,
                           int first_bits, i64 count, int ties_all, uint32_t *cand, uint32_t *a, uint32_t *b,
                           uint32_t *t, i64 *cut) {
     uint32_t top;
     const i64 nonzero = s->nonzero_keys(x, len, s_pos, wide, nan_key, cand, &top);
-    /* At most `count` non-zeros: no selection, the threshold is 0 and the first zeros fill up. */
-    i64 room = count - nonzero, equal = len - nonzero;
-    *t = nonzero > count ? radix_select(s, cand, nonzero, count, top, wide ? 31 : 15, first_bits, a, b, &room, &equal) : 0;
-    /* All keys equal to t are kept when they fit (or under the tie rule 'all'), none when room == 0
-       (exactly `count` non-zeros, t == 0), else the first `room`. */
-    *cut = room <= 0 ? 0 : room >= equal || ties_all ? len : tie_cutoff(x, len, s_pos, wide, nan_key, *t, room);
+    threshold(s, cand, nonzero, nonzero, top, wide ? 31 : 15, x, len, s_pos, wide, nan_key, first_bits, count,
+              ties_all, a, b, t, cut);
 }
 
 /* Scratch keys per thread for rows of len positions: the row steps' three buffers and LANES gathered rows. */
@@ -536,13 +574,15 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
             const void *xg = (const char *)x + base;
             void *yg = y ? (char *)y + base : NULL;
             uint8_t *mg = mask ? mask + base / esize : NULL;
-            uint32_t lowest[LANES];
-            i64 cut[LANES];
-            if (wide) s->gather_lanes32((const uint32_t *)xg, gathered, len, s_pos, ld);
-            else gather_lanes16((const uint16_t *)xg, (uint16_t *)gathered, len, s_pos, ld);
+            uint32_t lowest[LANES], top[LANES];
+            i64 cut[LANES], nonzero[LANES];
+            /* The lanes' keys, rank zeros and all: packing the non-zeros would cost another pass. */
+            if (wide) s->gather_lanes32((const uint32_t *)xg, gathered, len, s_pos, ld, nan_key, top, nonzero);
+            else gather_lanes(xg, gathered, len, s_pos, ld, 0, nan_key, top, nonzero);
             for (int l = 0; l < LANES; l++) {
-                const void *row = wide ? (const void *)(gathered + l * ld) : (const void *)((uint16_t *)gathered + l * ld);
-                row_threshold(s, row, len, 1, wide, nan_key, first_bits, count, ties_all, cand, a, b, &lowest[l], &cut[l]);
+                uint32_t *keys = gathered + l * ld;
+                threshold(s, keys, len, nonzero[l], top[l], wide ? 31 : 15, keys, len, 1, 1, nan_key, first_bits,
+                          count, ties_all, a, b, &lowest[l], &cut[l]);
             }
             if (wide) s->write_lanes32((const uint32_t *)xg, (uint32_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert);
             else s->write_lanes16((const uint16_t *)xg, (uint16_t *)yg, mg, len, s_pos, nan_key, lowest, cut, invert);
