@@ -87,6 +87,31 @@ def assert_same(actual: torch.Tensor, expected: torch.Tensor) -> None:
     torch.testing.assert_close(actual, expected, rtol=0, atol=0, equal_nan=True)
 
 
+def hard_values(shape, seed: int, levels: int, zeros: float, special: float, dtype) -> torch.Tensor:
+    """Random values with few distinct magnitudes (``levels``; 0: continuous), a fraction of zeros and of
+    NaN / ±inf / -0.0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if levels:
+        x = torch.randint(-levels, levels + 1, shape, generator=g) / 4.0
+    x[torch.rand(shape, generator=g) < zeros] = 0.0
+    pick = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])[torch.randint(0, 4, shape, generator=g)]
+    return torch.where(torch.rand(shape, generator=g) < special, pick, x).to(dtype)
+
+
+def assert_kernel_outputs(x: torch.Tensor, count: int, expected: torch.Tensor, **options) -> None:
+    """The kernel's values, mask, values alone and mask alone, inverted and not, against ``expected``; the
+    outputs laid out like ``x``."""
+    for invert in (False, True):
+        kept = expected ^ invert
+        y, mask = _select.select(x, count, invert=invert, **options)
+        assert torch.equal(mask, kept)
+        assert_same(y, x.masked_fill(~kept, 0))
+        assert y.stride() == x.stride()
+        assert_same(_select.select(x, count, invert=invert, mask=False, **options)[0], y)
+        assert torch.equal(_select.select(x, count, invert=invert, values=False, **options)[1], kept)
+
+
 @needs_kernel
 @settings(max_examples=150, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]),
@@ -212,25 +237,12 @@ def test_short_rows_and_few_candidates_match_reference(hw, channels, levels, spe
     (at once on rows of <= 32 positions; a 27x27 row also switches histograms at 256 keys): every count from
     1 to the row length, few distinct magnitudes (ties at the K-th; levels 0: continuous), zeros (rows with
     <= K non-zeros), NaN, ±inf and -0.0; both tie rules, inverted and not, every output, every mode."""
-    g = torch.Generator().manual_seed(seed)
     shape = (2, channels, *hw)
-    x = torch.randn(shape, generator=g)
-    if levels:
-        x = torch.randint(-levels, levels + 1, shape, generator=g) / 4.0
-    x[torch.rand(shape, generator=g) < zeros] = 0.0
-    pick = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])[torch.randint(0, 4, shape, generator=g)]
-    x = torch.where(torch.rand(shape, generator=g) < special, pick, x).to(dtype)
+    x = hard_values(shape, seed, levels, zeros, special, dtype)
     positions = hw[0] * hw[1]
     count = 1 + int(fraction * (positions - 1))
     expected = reference_mask(x, count, "spatial", ties)
-    for invert in (False, True):
-        kept = expected ^ invert
-        options = dict(kind="spatial", ties=ties, invert=invert, simd=simd)
-        y, mask = _select.select(x, count, **options)
-        assert torch.equal(mask, kept)
-        assert_same(y, x.masked_fill(~kept, 0))
-        assert_same(_select.select(x, count, mask=False, **options)[0], y)
-        assert torch.equal(_select.select(x, count, values=False, **options)[1], kept)
+    assert_kernel_outputs(x, count, expected, kind="spatial", ties=ties, simd=simd)
     for mode in MODES:  # the op on the kernel against the op on the torch path
         fast = topk_and_mask(x, count, mode=mode, ties=ties)
         with pytest.MonkeyPatch.context() as patch:
@@ -418,28 +430,14 @@ def test_channel_last_rows_done_eight_channels_at_a_time_match_reference(layout,
     """Tokens (N, T, D) and channels_last maps keep channels adjacent: the kernel gathers 8 channel rows at a
     time (transposing 8x8 blocks, then a tail of positions) and writes them back across the channels; the
     channels beyond a multiple of 8 go one by one. Ties, zeros, NaN, ±inf, -0.0; every output, both tie rules."""
-    g = torch.Generator().manual_seed(seed)
     shape = (2, positions, channels) if layout == "tokens" else (2, channels, 1, positions)
-    x = torch.randn(shape, generator=g)
-    if levels:
-        x = torch.randint(-levels, levels + 1, shape, generator=g) / 4.0
-    x[torch.rand(shape, generator=g) < zeros] = 0.0
-    pick = torch.tensor([float("nan"), float("inf"), float("-inf"), -0.0])[torch.randint(0, 4, shape, generator=g)]
-    x = torch.where(torch.rand(shape, generator=g) < special, pick, x).to(dtype)
+    x = hard_values(shape, seed, levels, zeros, special, dtype)
     kind = "token" if layout == "tokens" else "spatial"
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     count = 1 + int(fraction * (positions - 1))
     expected = reference_mask(x, count, kind, ties)
-    for invert in (False, True):
-        kept = expected ^ invert
-        options = dict(kind=kind, ties=ties, invert=invert, simd=simd)
-        y, mask = _select.select(x, count, **options)
-        assert torch.equal(mask, kept)
-        assert_same(y, x.masked_fill(~kept, 0))
-        assert y.stride() == x.stride()
-        assert_same(_select.select(x, count, mask=False, **options)[0], y)
-        assert torch.equal(_select.select(x, count, values=False, **options)[1], kept)
+    assert_kernel_outputs(x, count, expected, kind=kind, ties=ties, simd=simd)
 
 
 @needs_kernel
