@@ -218,10 +218,20 @@ AVX2 static uint32_t rank_select_avx2(uint32_t *cand, i64 n, i64 need, i64 *room
     int32_t lanes[8], t = INT32_MAX;
     _mm256_storeu_si256((__m256i *)lanes, best);
     for (int l = 0; l < 8; l++) t = lanes[l] < t ? lanes[l] : t;
-    i64 above = 0, same = 0;
-    for (i64 j = 0; j < n; j++) { above += s[j] > t; same += s[j] == t; }
-    *room = need - above;
-    *equal = same;
+    const __m256i tv = _mm256_set1_epi32(t);
+    __m256i above = _mm256_setzero_si256(), same = _mm256_setzero_si256();  /* minus the counts */
+    for (i64 i = 0; i < padded; i += 8) {
+        const __m256i k = _mm256_loadu_si256((const __m256i *)(s + i));
+        above = _mm256_add_epi32(above, _mm256_cmpgt_epi32(k, tv));
+        same = _mm256_add_epi32(same, _mm256_cmpeq_epi32(k, tv));
+    }
+    int32_t counts[2][8];
+    _mm256_storeu_si256((__m256i *)counts[0], above);
+    _mm256_storeu_si256((__m256i *)counts[1], same);
+    i64 n_above = -(padded - n), n_same = 0;  /* the INT32_MAX pads are above t */
+    for (int l = 0; l < 8; l++) { n_above -= counts[0][l]; n_same -= counts[1][l]; }
+    *room = need - n_above;
+    *equal = n_same;
     return (uint32_t)t;
 }
 COUNT_ABOVE(count_above_avx2, AVX2)
