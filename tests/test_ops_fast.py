@@ -408,6 +408,13 @@ def test_masked_grad_op_equals_where_in_every_layout(dtype, layout):
     assert not (out.view(torch.int16 if dtype != torch.float32 else torch.int32)[~mask] != 0).any()  # +0, not -0
 
 
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4, 5, 6)])
+def test_masked_grad_op_takes_any_rank(shape):
+    g = torch.randn(shape)
+    mask = torch.rand(shape) < 0.5
+    assert_same(torch.ops.topk_plugin.masked_grad(g, mask), torch.where(mask, g, torch.zeros(())))
+
+
 def test_gradient_of_the_gradient_is_masked_too():
     """Second order (a gradient penalty through a Top-K layer): the backward is itself differentiable."""
     x = torch.randn(2, 3, 6, 6, dtype=torch.float64).relu().requires_grad_()

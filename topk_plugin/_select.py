@@ -737,19 +737,16 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
 
 def masked_grad(grad: torch.Tensor, mask: torch.Tensor):
     """``grad`` where ``mask``, +0 elsewhere, in the layout of ``torch.empty_like(grad)``; None where the kernel
-    does not apply (``supports(grad)`` false, or ``grad`` and ``mask`` not laid out alike and densely)."""
-    if not (supports(grad) and grad.stride() == mask.stride() and grad.shape == mask.shape
-            and any(grad.is_contiguous(memory_format=f) and mask.is_contiguous(memory_format=f)
-                    for f in _DENSE_FORMATS[grad.dim()])):
+    does not apply (``supports(grad)`` false, a mask that is not bool, or the two not laid out alike and densely)."""
+    formats = (torch.contiguous_format, torch.channels_last) if grad.dim() == 4 else (torch.contiguous_format,)
+    if not (supports(grad) and mask.dtype == torch.bool and grad.shape == mask.shape
+            and grad.stride() == mask.stride()
+            and any(grad.is_contiguous(memory_format=f) and mask.is_contiguous(memory_format=f) for f in formats)):
         return None
     out = torch.empty_like(grad)
     _library().topk_masked_grad(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(),
                                 int(grad.element_size() == 4), torch.get_num_threads())
     return out
-
-
-# Memory formats in which a tensor of this rank is one dense block that empty_like reproduces.
-_DENSE_FORMATS = {3: (torch.contiguous_format,), 4: (torch.contiguous_format, torch.channels_last)}
 
 
 def _outputs(x: torch.Tensor, wanted) -> list:
