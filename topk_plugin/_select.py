@@ -319,6 +319,33 @@ AVX2 static i64 compact_avx2(const uint32_t *src, i64 n, int lo, uint32_t want, 
     }
 WRITE_LANES(write_lanes32_plain, uint32_t, 0x7fffffffu, )
 WRITE_LANES(write_lanes16_plain, uint16_t, 0x7fffu, )
+/* The keys of positions [from, len) of LANES strided rows (element p of lane l at x[p * s_pos + l]) into
+   contiguous rows rows[l * ld + p]; top[l] rises to lane l's largest key, nonzero[l] counts its keys that are
+   not 0. */
+static void gather_lanes_from(const void *x, uint32_t *rows, i64 from, i64 len, i64 s_pos, i64 ld, int wide,
+                              uint32_t nan_key, uint32_t *top, i64 *nonzero) {
+    for (i64 p = from; p < len; p++)
+        for (int l = 0; l < LANES; l++) {
+            const uint32_t k = key_of(x, p * s_pos + l, wide, nan_key);
+            rows[l * ld + p] = k;
+            top[l] = k > top[l] ? k : top[l];
+            nonzero[l] += k != 0;
+        }
+}
+
+/* The keys of LANES strided rows into contiguous rows; top[l]: lane l's largest key, nonzero[l]: how many of
+   its keys are not 0. */
+static void gather_lanes(const void *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld, int wide, uint32_t nan_key,
+                         uint32_t *top, i64 *nonzero) {
+    for (int l = 0; l < LANES; l++) { top[l] = 0; nonzero[l] = 0; }
+    gather_lanes_from(x, rows, 0, len, s_pos, ld, wide, nan_key, top, nonzero);
+}
+
+static void gather_lanes32(const uint32_t *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld, uint32_t nan_key,
+                           uint32_t *top, i64 *nonzero) {
+    gather_lanes(x, rows, len, s_pos, ld, 1, nan_key, top, nonzero);
+}
+
 #ifdef HAVE_AVX2_PATH
 WRITE_LANES(write_lanes16_avx2, uint16_t, 0x7fffu, AVX2)
 
@@ -378,40 +405,13 @@ AVX2 static void gather_lanes32_avx2(const uint32_t *x, uint32_t *rows, i64 len,
             _mm256_storeu_si256((__m256i *)(rows + (j + 4) * ld + p), _mm256_permute2x128_si256(r[j], r[j + 4], 0x31));
         }
     }
-    uint32_t tops[LANES], zeros[LANES];
-    _mm256_storeu_si256((__m256i *)tops, vtop);
+    uint32_t zeros[LANES];
+    _mm256_storeu_si256((__m256i *)top, vtop);
     _mm256_storeu_si256((__m256i *)zeros, vzeros);
-    for (int l = 0; l < LANES; l++) {
-        for (i64 q = p; q < len; q++) {
-            const uint32_t k = key_of(x, q * s_pos + l, 1, nan_key);
-            rows[l * ld + q] = k;
-            tops[l] = k > tops[l] ? k : tops[l];
-            zeros[l] += k == 0;
-        }
-        top[l] = tops[l];
-        nonzero[l] = len - zeros[l];
-    }
+    for (int l = 0; l < LANES; l++) nonzero[l] = p - zeros[l];
+    gather_lanes_from(x, rows, p, len, s_pos, ld, 1, nan_key, top, nonzero);
 }
 #endif
-
-/* The keys of LANES strided rows (element p of lane l at x[p * s_pos + l]) into contiguous rows
-   rows[l * ld + p]; top[l]: lane l's largest key, nonzero[l]: how many of its keys are not 0. */
-static void gather_lanes(const void *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld, int wide, uint32_t nan_key,
-                         uint32_t *top, i64 *nonzero) {
-    for (int l = 0; l < LANES; l++) { top[l] = 0; nonzero[l] = 0; }
-    for (i64 p = 0; p < len; p++)
-        for (int l = 0; l < LANES; l++) {
-            const uint32_t k = key_of(x, p * s_pos + l, wide, nan_key);
-            rows[l * ld + p] = k;
-            top[l] = k > top[l] ? k : top[l];
-            nonzero[l] += k != 0;
-        }
-}
-
-static void gather_lanes32(const uint32_t *x, uint32_t *rows, i64 len, i64 s_pos, i64 ld, uint32_t nan_key,
-                           uint32_t *top, i64 *nonzero) {
-    gather_lanes(x, rows, len, s_pos, ld, 1, nan_key, top, nonzero);
-}
 
 /* One instruction set's versions of the row steps that vectorise. */
 typedef struct {
@@ -435,7 +435,8 @@ static const steps WITH_AVX2 = {nonzero_keys_avx2, compact_avx2, rank_select_avx
                                 gather_lanes32_avx2, write_lanes32_avx2, write_lanes16_avx2};
 #endif
 
-/* The need-th largest of cand[0..n) (non-zero keys <= top < 2^nbits): an MSB-first radix select, each level
+/* The need-th largest of cand[0..n) (keys <= top < 2^nbits; zeros may be among them, need never reaches
+   them): an MSB-first radix select, each level
    packing the survivors of one digit into a shorter list, ranking by counting once at most RANK_MAX
    candidates are left. The first digit is the top first_bits bits (the exponent and one more bit), found by
    counting; the others are 8-bit digits found by histograms. *room, *equal as for rank_select.
@@ -563,7 +564,7 @@ i64 topk_scratch_keys(i64 len) { return (3 + LANES) * (len + SLACK); }
    infinity's key + 1): NaN ranks largest, as in torch.topk. y or mask may be NULL. first_bits: the
    exponent's width + 1. scratch: topk_scratch_keys(len) keys per thread. simd: use AVX2 where the CPU has it.
    Where channels are adjacent (s_inner == 1) and positions strided, LANES channels are done together:
-   their rows are gathered into contiguous scratch, and written back across the channels. */
+   their keys are gathered into contiguous scratch rows, and the values written back across the channels. */
 void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide, uint32_t nan_key,
                  int first_bits, i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
                  i64 count, int ties_all, int invert, int threads, int simd) {
