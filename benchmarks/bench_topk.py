@@ -29,8 +29,8 @@ import torchvision
 from tqdm import tqdm
 
 from topk_plugin import Table, _select, get_preset, sparsify, topk, topk_layers
-from topk_plugin.recipes._common import (prepare_out, pyplot, resolve_device, save_figure, seed_everything,
-                                         write_csv, write_json)
+from topk_plugin.recipes._common import (positive_int, prepare_out, pyplot, resolve_device, save_figure,
+                                         seed_everything, write_csv, write_json)
 
 OP_SHAPES = [(32, 64, 55, 55), (32, 256, 13, 13), (32, 128, 56, 56)]
 OP_KS = [0.05, 0.1, 0.2]
@@ -262,9 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--allocator", choices=("steady", "system"), default="steady",
                         help="steady: glibc keeps freed memory, so timings exclude page faults of fresh buffers "
                              "(see keep_freed_memory); system: the allocator as the process started")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the kernel uses as many)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per case (the best is reported)")
-    parser.add_argument("--batch", type=int, default=32, help="batch size of the whole-model cases")
+    parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (the kernel uses as many)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per case (the best is reported)")
+    parser.add_argument("--batch", type=positive_int, default=32, help="batch size of the whole-model cases")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="whole-model cases")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which tables to run")
     return parser.parse_args(argv)

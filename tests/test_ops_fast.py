@@ -383,6 +383,10 @@ def test_benchmark_baseline_is_the_same_op_and_smoke_run_writes_its_table(tmp_pa
         bench.main(["--smoke", "--out", str(out), "--cases", "token"])
     with pytest.raises(SystemExit):
         bench.main(["--data", "x", "--out", str(tmp_path / "other")])  # no dead --data option
+    for option in ("--repeats", "--threads", "--batch"):  # refused before any folder is made or work is done
+        with pytest.raises(SystemExit):
+            bench.main([option, "0", "--out", str(tmp_path / "bad")])
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
