@@ -9,7 +9,8 @@ Baseline: a re-implementation of the paper's layer — ``|x|.topk`` indices, a f
 ``clone`` copies the same tensor: one read and one write, the floor of any layer that writes a new
 tensor, so ``ours/clone`` says how far the op is from memory speed. Each case reports the best of
 ``--repeats`` timings taken in turn (baseline, ours, clone, ...), so every ratio compares runs of one
-moment; before timing, each op case checks that the baseline and ours compute the same output. Inputs are
+moment; ``_paired`` columns are medians of the ratios within each round instead, steadier on a shared
+machine; before timing, each op case checks that the baseline and ours compute the same output. Inputs are
 random tensors and randomly initialised torchvision models (no data is read). By default glibc keeps freed
 memory (``--allocator steady``, see ``keep_freed_memory``), so no timing includes page faults.
 """
@@ -98,7 +99,7 @@ def race(fns: dict, device: torch.device, repeats: int) -> dict:
     """Best wall time (ms) of each function over ``repeats`` rounds that run them in turn, each round starting
     one function later (no function always follows the same one); on CPU also the best process CPU time
     (key ``name + "_cpu"``), which other processes on a busy machine disturb less. Key ``"rounds"``: every
-    round's wall times, for ratios paired within a round (``paired_overhead``)."""
+    round's wall times, for ratios paired within a round (``paired_ratio``)."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -118,10 +119,10 @@ def race(fns: dict, device: torch.device, repeats: int) -> dict:
     return {**best, "rounds": rounds}
 
 
-def paired_overhead(ms: dict, name: str, reference: str) -> float:
-    """Median over rounds of ``name``'s time over ``reference``'s in the same round, as a % overhead: slow
-    drifts of a shared machine move both timings of a round together, so this is steadier than best-of."""
-    return 100 * (statistics.median(t[name] / t[reference] for t in ms["rounds"]) - 1)
+def paired_ratio(ms: dict, name: str, reference: str) -> float:
+    """Median over rounds of ``name``'s time over ``reference``'s in the same round: slow drifts of a shared
+    machine move both timings of a round together, so this is steadier than a ratio of bests."""
+    return statistics.median(t[name] / t[reference] for t in ms["rounds"])
 
 
 def saved_bytes_per_element(fn, x: torch.Tensor) -> float:
@@ -197,8 +198,8 @@ def model_rows(names, batch, device, repeats) -> list[dict]:
                      "baseline/ours": ms["baseline"] / ms["ours"],
                      "baseline_overhead_%": 100 * (ms["baseline"] / ms["dense"] - 1),
                      "ours_overhead_%": 100 * (ms["ours"] / ms["dense"] - 1),
-                     "baseline_overhead_paired_%": paired_overhead(ms, "baseline", "dense"),
-                     "ours_overhead_paired_%": paired_overhead(ms, "ours", "dense")})
+                     "baseline_overhead_paired_%": 100 * (paired_ratio(ms, "baseline", "dense") - 1),
+                     "ours_overhead_paired_%": 100 * (paired_ratio(ms, "ours", "dense") - 1)})
         if device.type == "cpu":
             rows[-1].update({"baseline_overhead_cpu_%": 100 * (ms["baseline_cpu"] / ms["dense_cpu"] - 1),
                              "ours_overhead_cpu_%": 100 * (ms["ours_cpu"] / ms["dense_cpu"] - 1)})
@@ -228,7 +229,8 @@ def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
 
 def _ratios(ms: dict) -> dict:
     return {"baseline_ms": ms["baseline"], "ours_ms": ms["ours"], "clone_ms": ms["clone"],
-            "baseline/ours": ms["baseline"] / ms["ours"], "ours/clone": ms["ours"] / ms["clone"]}
+            "baseline/ours": ms["baseline"] / ms["ours"], "ours/clone": ms["ours"] / ms["clone"],
+            "ours/clone_paired": paired_ratio(ms, "ours", "clone")}
 
 
 # ----------------------------------------------------------------------------- output

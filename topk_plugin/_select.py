@@ -15,8 +15,10 @@ Channel-last rows (tokens (N, T, D), channels_last maps: positions strided, chan
 channels at a time: their keys gathered into contiguous rows by 8x8 transposes (zeros too: the gather
 counts them, and packing would cost another pass), the values written back across the channels. On
 x86-64 the packing (a permute table), counting, ranking, gathering and writing loops also exist as AVX2
-versions, chosen at run time when the CPU has AVX2; elsewhere the portable loops run. ``masked_grad`` is the
-backward: the gradient where the mask is set, in one pass.
+versions, chosen at run time when the CPU has AVX2; elsewhere the portable loops run. The AVX2 loops end
+short lists with one masked vector and short rows with one overlapping vector instead of a scalar tail
+(13 x 13 maps spent a good part of their time there). ``masked_grad`` is the backward: the gradient where
+the mask is set, in one pass.
 
 The kernel is plain C (no torch headers), compiled on first use with the system C compiler into a cache
 directory (``$TOPK_PLUGIN_CACHE``, default ``~/.cache/topk_plugin``) and loaded with ``ctypes``, which
@@ -46,8 +48,10 @@ _SOURCE = r"""
 #ifdef _OPENMP
 #include <omp.h>
 #define THREAD_ID omp_get_thread_num()
+#define THREAD_COUNT omp_get_num_threads()
 #else
 #define THREAD_ID 0
+#define THREAD_COUNT 1
 #endif
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #define HAVE_AVX2_PATH 1
@@ -91,42 +95,40 @@ static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, uint32_t
    256-bin histogram to clear and scan. Keys are below 2^31, so signed compares order them. INT32_MAX pads
    the candidates to whole vectors (cand has the room): never below the result, so never chosen. *room: how
    many keys equal to the result are among the `need` largest; *equal: how many keys equal it. */
-#define RANK_SELECT(NAME, ATTR)                                                                  \
-    ATTR static uint32_t NAME(uint32_t *cand, i64 n, i64 need, i64 *room, i64 *equal) {        \
-        const int32_t *s = (const int32_t *)cand;                                                \
-        const i64 padded = (n + RANK_PAD - 1) & ~(i64)(RANK_PAD - 1);                            \
-        for (i64 j = n; j < padded; j++) cand[j] = INT32_MAX;                                    \
-        int32_t t = INT32_MAX;                                                                   \
-        for (i64 i = 0; i < padded; i += RANK_PAD) {  /* RANK_PAD keys at once: one vector */    \
-            int32_t above[RANK_PAD] = {0};                                                       \
-            for (i64 j = 0; j < n; j++)                                                          \
-                for (int l = 0; l < RANK_PAD; l++) above[l] += s[j] > s[i + l];                  \
-            for (int l = 0; l < RANK_PAD; l++)                                                   \
-                t = above[l] < need && s[i + l] < t ? s[i + l] : t;                              \
-        }                                                                                        \
-        i64 above = 0, same = 0;                                                                 \
-        for (i64 j = 0; j < n; j++) { above += s[j] > t; same += s[j] == t; }                    \
-        *room = need - above;                                                                    \
-        *equal = same;                                                                           \
-        return (uint32_t)t;                                                                      \
+static uint32_t rank_select_plain(uint32_t *cand, i64 n, i64 need, i64 *room, i64 *equal) {
+    const int32_t *s = (const int32_t *)cand;
+    const i64 padded = (n + RANK_PAD - 1) & ~(i64)(RANK_PAD - 1);
+    for (i64 j = n; j < padded; j++) cand[j] = INT32_MAX;
+    int32_t t = INT32_MAX;
+    for (i64 i = 0; i < padded; i += RANK_PAD) {  /* RANK_PAD keys at once: one vector */
+        int32_t above[RANK_PAD] = {0};
+        for (i64 j = 0; j < n; j++)
+            for (int l = 0; l < RANK_PAD; l++) above[l] += s[j] > s[i + l];
+        for (int l = 0; l < RANK_PAD; l++)
+            t = above[l] < need && s[i + l] < t ? s[i + l] : t;
     }
+    i64 above = 0, same = 0;
+    for (i64 j = 0; j < n; j++) { above += s[j] > t; same += s[j] == t; }
+    *room = need - above;
+    *equal = same;
+    return (uint32_t)t;
+}
 
 /* at_least[j] = how many of c[0..n) are > bounds[j] (signed: keys are below 2^31, and -1 counts all). */
-#define COUNT_ABOVE(NAME, ATTR)                                                                  \
-    ATTR static void NAME(const uint32_t *c, i64 n, const int32_t bounds[4], i64 at_least[4]) { \
-        const int32_t *s = (const int32_t *)c;                                                   \
-        int32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;                                                  \
-        for (i64 i = 0; i < n; i++) {                                                            \
-            c0 += s[i] > bounds[0]; c1 += s[i] > bounds[1];                                      \
-            c2 += s[i] > bounds[2]; c3 += s[i] > bounds[3];                                      \
-        }                                                                                        \
-        at_least[0] = c0; at_least[1] = c1; at_least[2] = c2; at_least[3] = c3;                  \
+static void count_above_plain(const uint32_t *c, i64 n, const int32_t bounds[4], i64 at_least[4]) {
+    const int32_t *s = (const int32_t *)c;
+    int32_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+    for (i64 i = 0; i < n; i++) {
+        c0 += s[i] > bounds[0]; c1 += s[i] > bounds[1];
+        c2 += s[i] > bounds[2]; c3 += s[i] > bounds[3];
     }
+    at_least[0] = c0; at_least[1] = c1; at_least[2] = c2; at_least[3] = c3;
+}
 
 /* Write positions [from, to) of one row: keep p iff (key(x[p]) >= lowest) ^ invert; y = kept ? x : +0.
    mask or y may be NULL (not wanted). restrict: a uint8 mask store may not alias x, which lets the loops
    vectorise. */
-#define WRITE_ROW(NAME, T, MAGNITUDE, ATTR)                                                             \
+#define WRITE_RANGE(NAME, T, MAGNITUDE, ATTR)                                                           \
     ATTR static void NAME(const T *restrict x, T *restrict y, uint8_t *restrict mask, i64 from, i64 to, \
                           i64 s_pos, uint32_t nan_key, uint32_t lowest, int invert) {                   \
         const T nan = (T)nan_key;                                                                       \
@@ -158,10 +160,28 @@ static void histogram(const uint32_t *c, i64 n, int lo, uint32_t dmask, uint32_t
         }                                                                                               \
     }
 
-RANK_SELECT(rank_select_plain, )
-COUNT_ABOVE(count_above_plain, )
-WRITE_ROW(write_row32_plain, uint32_t, 0x7fffffffu, )
-WRITE_ROW(write_row16_plain, uint16_t, 0x7fffu, )
+/* out[i] = mask[i] ? grad[i] : +0 for i in [from, to) (the compiler vectorises it). */
+#define MASKED_GRAD(NAME, T, ATTR)                                                                      \
+    ATTR static void NAME(const T *restrict grad, const uint8_t *restrict mask, T *restrict out, i64 from, \
+                          i64 to) {                                                                     \
+        for (i64 i = from; i < to; i++) out[i] = grad[i] & (T)(0u - (uint32_t)mask[i]);                 \
+    }
+
+/* Write one row of len positions from its threshold t: keep the keys above t, and those equal to t before
+   position cut (ranges of WRITE_RANGE). */
+#define WRITE_ROW(NAME, RANGE, T, ATTR)                                                                 \
+    ATTR static void NAME(const T *x, T *y, uint8_t *mask, i64 len, i64 s_pos, uint32_t nan_key, uint32_t t, \
+                          i64 cut, int invert) {                                                        \
+        RANGE(x, y, mask, 0, cut, s_pos, nan_key, t, invert);                                           \
+        RANGE(x, y, mask, cut, len, s_pos, nan_key, t + 1, invert);                                     \
+    }
+
+WRITE_RANGE(write_range32_plain, uint32_t, 0x7fffffffu, )
+WRITE_RANGE(write_range16_plain, uint16_t, 0x7fffu, )
+WRITE_ROW(write_row32_plain, write_range32_plain, uint32_t, )
+WRITE_ROW(write_row16_plain, write_range16_plain, uint16_t, )
+MASKED_GRAD(masked_grad32_plain, uint32_t, )
+MASKED_GRAD(masked_grad16_plain, uint16_t, )
 
 static inline uint32_t key_of(const void *x, i64 i, int wide, uint32_t nan_key) {
     const uint32_t k = wide ? ((const uint32_t *)x)[i] & 0x7fffffffu : ((const uint16_t *)x)[i] & 0x7fffu;
@@ -200,43 +220,78 @@ AVX2 static uint32_t rank_select_avx2(uint32_t *cand, i64 n, i64 need, i64 *room
     const int32_t *s = (const int32_t *)cand;
     const i64 padded = (n + 7) & ~(i64)7;
     for (i64 j = n; j < padded; j++) cand[j] = INT32_MAX;  /* never below the result: never chosen */
-    const __m256i needv = _mm256_set1_epi32((int)need);
+    /* The pads are counted too (whole vectors, no tail): they lie above every key. */
+    const __m256i needv = _mm256_set1_epi32((int)(need + padded - n));
     __m256i best = _mm256_set1_epi32(INT32_MAX);
     for (i64 i = 0; i < padded; i += 8) {
         const __m256i k = _mm256_loadu_si256((const __m256i *)(s + i));
         __m256i above0 = _mm256_setzero_si256(), above1 = _mm256_setzero_si256();  /* minus the counts */
-        i64 j = 0;
-        for (; j + 2 <= n; j += 2) {
-            above0 = _mm256_add_epi32(above0, _mm256_cmpgt_epi32(_mm256_set1_epi32(s[j]), k));
-            above1 = _mm256_add_epi32(above1, _mm256_cmpgt_epi32(_mm256_set1_epi32(s[j + 1]), k));
-        }
-        if (j < n) above0 = _mm256_add_epi32(above0, _mm256_cmpgt_epi32(_mm256_set1_epi32(s[j]), k));
+        for (i64 j = 0; j < padded; j += 8)
+            for (int l = 0; l < 8; l += 2) {
+                above0 = _mm256_add_epi32(above0, _mm256_cmpgt_epi32(_mm256_set1_epi32(s[j + l]), k));
+                above1 = _mm256_add_epi32(above1, _mm256_cmpgt_epi32(_mm256_set1_epi32(s[j + l + 1]), k));
+            }
         const __m256i above = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_add_epi32(above0, above1));
         const __m256i fits = _mm256_cmpgt_epi32(needv, above);  /* fewer than need keys above */
         best = _mm256_min_epi32(best, _mm256_blendv_epi8(_mm256_set1_epi32(INT32_MAX), k, fits));
     }
-    int32_t lanes[8], t = INT32_MAX;
-    _mm256_storeu_si256((__m256i *)lanes, best);
-    for (int l = 0; l < 8; l++) t = lanes[l] < t ? lanes[l] : t;
-    const __m256i tv = _mm256_set1_epi32(t);
+    /* the smallest lane of best, in every lane: the result */
+    best = _mm256_min_epi32(best, _mm256_permute2x128_si256(best, best, 1));
+    best = _mm256_min_epi32(best, _mm256_shuffle_epi32(best, _MM_SHUFFLE(1, 0, 3, 2)));
+    const __m256i tv = _mm256_min_epi32(best, _mm256_shuffle_epi32(best, _MM_SHUFFLE(2, 3, 0, 1)));
     __m256i above = _mm256_setzero_si256(), same = _mm256_setzero_si256();  /* minus the counts */
     for (i64 i = 0; i < padded; i += 8) {
         const __m256i k = _mm256_loadu_si256((const __m256i *)(s + i));
         above = _mm256_add_epi32(above, _mm256_cmpgt_epi32(k, tv));
         same = _mm256_add_epi32(same, _mm256_cmpeq_epi32(k, tv));
     }
-    int32_t counts[2][8];
-    _mm256_storeu_si256((__m256i *)counts[0], above);
-    _mm256_storeu_si256((__m256i *)counts[1], same);
-    i64 n_above = -(padded - n), n_same = 0;  /* the INT32_MAX pads are above t */
-    for (int l = 0; l < 8; l++) { n_above -= counts[0][l]; n_same -= counts[1][l]; }
+    /* lane 0: the sum of above's lanes, lane 1: of same's */
+    const __m256i pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(above, same), _mm256_setzero_si256());
+    const __m128i sums = _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+    const i64 n_above = -(i64)_mm_cvtsi128_si32(sums) - (padded - n);  /* the INT32_MAX pads are above t */
     *room = need - n_above;
-    *equal = n_same;
-    return (uint32_t)t;
+    *equal = -(i64)_mm_extract_epi32(sums, 1);
+    return (uint32_t)_mm256_cvtsi256_si32(tv);
 }
-COUNT_ABOVE(count_above_avx2, AVX2)
-WRITE_ROW(write_row32_avx2, uint32_t, 0x7fffffffu, AVX2)
-WRITE_ROW(write_row16_avx2, uint16_t, 0x7fffu, AVX2)
+/* The lanes of a vector at index i of a list of n that hold list entries: a partial last vector is read whole
+   (scratch lists have SLACK keys after them) and its lanes past the end masked off. */
+AVX2 static inline __m256i lanes_within(i64 i, i64 n) {
+    const int32_t left = n - i < 8 ? (int32_t)(n - i) : 8;
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+/* count_above (same contract) with no scalar tail: short candidate lists spend much of their time there. */
+AVX2 static void count_above_avx2(const uint32_t *c, i64 n, const int32_t bounds[4], i64 at_least[4]) {
+    const __m256i b0 = _mm256_set1_epi32(bounds[0]), b1 = _mm256_set1_epi32(bounds[1]);
+    const __m256i b2 = _mm256_set1_epi32(bounds[2]), b3 = _mm256_set1_epi32(bounds[3]);
+    __m256i c0 = _mm256_setzero_si256(), c1 = c0, c2 = c0, c3 = c0;  /* minus the counts */
+    i64 i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256i k = _mm256_loadu_si256((const __m256i *)(c + i));
+        c0 = _mm256_add_epi32(c0, _mm256_cmpgt_epi32(k, b0));
+        c1 = _mm256_add_epi32(c1, _mm256_cmpgt_epi32(k, b1));
+        c2 = _mm256_add_epi32(c2, _mm256_cmpgt_epi32(k, b2));
+        c3 = _mm256_add_epi32(c3, _mm256_cmpgt_epi32(k, b3));
+    }
+    if (i < n) {
+        const __m256i valid = lanes_within(i, n), k = _mm256_loadu_si256((const __m256i *)(c + i));
+        c0 = _mm256_add_epi32(c0, _mm256_and_si256(_mm256_cmpgt_epi32(k, b0), valid));
+        c1 = _mm256_add_epi32(c1, _mm256_and_si256(_mm256_cmpgt_epi32(k, b1), valid));
+        c2 = _mm256_add_epi32(c2, _mm256_and_si256(_mm256_cmpgt_epi32(k, b2), valid));
+        c3 = _mm256_add_epi32(c3, _mm256_and_si256(_mm256_cmpgt_epi32(k, b3), valid));
+    }
+    /* lane j of the sum: the total of c_j */
+    const __m256i pairs = _mm256_hadd_epi32(_mm256_hadd_epi32(c0, c1), _mm256_hadd_epi32(c2, c3));
+    int32_t sums[4];
+    _mm_storeu_si128((__m128i *)sums, _mm_add_epi32(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1)));
+    for (int j = 0; j < 4; j++) at_least[j] = -sums[j];
+}
+WRITE_RANGE(write_range32_avx2, uint32_t, 0x7fffffffu, AVX2)
+WRITE_RANGE(write_range16_avx2, uint16_t, 0x7fffu, AVX2)
+WRITE_ROW(write_ranges32_avx2, write_range32_avx2, uint32_t, AVX2)
+WRITE_ROW(write_row16_avx2, write_range16_avx2, uint16_t, AVX2)
+MASKED_GRAD(masked_grad32_avx2, uint32_t, AVX2)
+MASKED_GRAD(masked_grad16_avx2, uint16_t, AVX2)
 
 /* LEFT_PACK[bits]: the lane numbers of the set bits of an 8-lane mask, lowest first, one per byte; a
    permute by them packs the selected lanes to the front of a vector (stream compaction).
@@ -276,14 +331,42 @@ AVX2 static i64 nonzero_keys_avx2(const void *x, i64 len, i64 s_pos, int wide, u
         vtop = _mm256_max_epu32(vtop, k);
         m = append_selected(k, _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(k, zero))), out, m);
     }
-    uint32_t lanes[8], t = 0;
-    _mm256_storeu_si256((__m256i *)lanes, vtop);
-    for (int j = 0; j < 8; j++) t = lanes[j] > t ? lanes[j] : t;
+    vtop = _mm256_max_epu32(vtop, _mm256_permute2x128_si256(vtop, vtop, 1));
+    vtop = _mm256_max_epu32(vtop, _mm256_shuffle_epi32(vtop, _MM_SHUFFLE(1, 0, 3, 2)));
+    vtop = _mm256_max_epu32(vtop, _mm256_shuffle_epi32(vtop, _MM_SHUFFLE(2, 3, 0, 1)));
+    const uint32_t t = (uint32_t)_mm256_cvtsi256_si32(vtop);
     uint32_t tail_top;
     m += nonzero_keys_plain(wide ? (const void *)((const uint32_t *)x + p) : (const void *)((const uint16_t *)x + p),
                             len - p, 1, wide, nan_key, out + m, &tail_top);
     *top = tail_top > t ? tail_top : t;
     return m;
+}
+
+/* write_row32 with a contiguous row in one vector pass, ties past cut dropped by comparing positions; the
+   last vector overlaps the one before it (rewriting the same values: y never aliases x) instead of a scalar
+   tail, which short rows (13 x 13 maps) would spend much of their time in. */
+AVX2 static void write_row32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mask, i64 len, i64 s_pos,
+                                  uint32_t nan_key, uint32_t t, i64 cut, int invert) {
+    if (s_pos != 1 || len < 8 || len > INT32_MAX) {
+        write_ranges32_avx2(x, y, mask, len, s_pos, nan_key, t, cut, invert);
+        return;
+    }
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), nan = _mm256_set1_epi32((int)nan_key);
+    const __m256i flip = _mm256_set1_epi32(invert ? -1 : 0), low = _mm256_set1_epi32((int)t);
+    const __m256i before_cut = _mm256_set1_epi32((int32_t)cut - 1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (i64 p = 0; p < len; p += 8) {
+        const i64 q = p + 8 <= len ? p : len - 8;
+        /* t + 1 from cut on: q + lane > cut - 1 is all ones there, and subtracting -1 adds 1 */
+        const __m256i lowq = _mm256_sub_epi32(low, _mm256_cmpgt_epi32(_mm256_add_epi32(_mm256_set1_epi32((int32_t)q), lane), before_cut));
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(x + q));
+        const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, magnitude), nan);
+        const __m256i keep = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, lowq), k), flip);
+        if (y) _mm256_storeu_si256((__m256i *)(y + q), _mm256_and_si256(v, keep));
+        if (mask) {
+            const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
+            memcpy(mask + q, &bytes, 8);
+        }
+    }
 }
 
 AVX2 static i64 compact_avx2(const uint32_t *src, i64 n, int lo, uint32_t want, uint32_t *dst) {
@@ -295,7 +378,12 @@ AVX2 static i64 compact_avx2(const uint32_t *src, i64 n, int lo, uint32_t want, 
         const __m256i hit = _mm256_cmpeq_epi32(_mm256_srl_epi32(k, shift), w);
         m = append_selected(k, _mm256_movemask_ps(_mm256_castsi256_ps(hit)), dst, m);
     }
-    return m + compact_plain(src + i, n - i, lo, want, dst + m);
+    if (i < n) {
+        const __m256i k = _mm256_loadu_si256((const __m256i *)(src + i));
+        const __m256i hit = _mm256_and_si256(_mm256_cmpeq_epi32(_mm256_srl_epi32(k, shift), w), lanes_within(i, n));
+        m = append_selected(k, _mm256_movemask_ps(_mm256_castsi256_ps(hit)), dst, m);
+    }
+    return m;
 }
 #endif
 
@@ -419,21 +507,34 @@ typedef struct {
     i64 (*compact)(const uint32_t *, i64, int, uint32_t, uint32_t *);
     uint32_t (*rank_select)(uint32_t *, i64, i64, i64 *, i64 *);
     void (*count_above)(const uint32_t *, i64, const int32_t *, i64 *);
-    void (*write32)(const uint32_t *, uint32_t *, uint8_t *, i64, i64, i64, uint32_t, uint32_t, int);
-    void (*write16)(const uint16_t *, uint16_t *, uint8_t *, i64, i64, i64, uint32_t, uint32_t, int);
+    void (*write32)(const uint32_t *, uint32_t *, uint8_t *, i64, i64, uint32_t, uint32_t, i64, int);
+    void (*write16)(const uint16_t *, uint16_t *, uint8_t *, i64, i64, uint32_t, uint32_t, i64, int);
     void (*gather_lanes32)(const uint32_t *, uint32_t *, i64, i64, i64, uint32_t, uint32_t *, i64 *);
     void (*write_lanes32)(const uint32_t *, uint32_t *, uint8_t *, i64, i64, uint32_t, const uint32_t *, const i64 *, int);
     void (*write_lanes16)(const uint16_t *, uint16_t *, uint8_t *, i64, i64, uint32_t, const uint32_t *, const i64 *, int);
+    void (*masked32)(const uint32_t *, const uint8_t *, uint32_t *, i64, i64);
+    void (*masked16)(const uint16_t *, const uint8_t *, uint16_t *, i64, i64);
 } steps;
 
 static const steps PLAIN = {nonzero_keys_plain, compact_plain, rank_select_plain, count_above_plain,
                             write_row32_plain, write_row16_plain,
-                            gather_lanes32, write_lanes32_plain, write_lanes16_plain};
+                            gather_lanes32, write_lanes32_plain, write_lanes16_plain,
+                            masked_grad32_plain, masked_grad16_plain};
 #ifdef HAVE_AVX2_PATH
 static const steps WITH_AVX2 = {nonzero_keys_avx2, compact_avx2, rank_select_avx2, count_above_avx2,
                                 write_row32_avx2, write_row16_avx2,
-                                gather_lanes32_avx2, write_lanes32_avx2, write_lanes16_avx2};
+                                gather_lanes32_avx2, write_lanes32_avx2, write_lanes16_avx2,
+                                masked_grad32_avx2, masked_grad16_avx2};
 #endif
+
+/* The AVX2 steps where asked for (simd) and the CPU has AVX2, else the portable ones. */
+static const steps *instruction_set(int simd) {
+#ifdef HAVE_AVX2_PATH
+    if (simd && __builtin_cpu_supports("avx2")) return &WITH_AVX2;
+#endif
+    (void)simd;
+    return &PLAIN;
+}
 
 /* The need-th largest of cand[0..n) (keys <= top < 2^nbits; zeros may be among them, need never reaches
    them): an MSB-first radix select, each level
@@ -515,18 +616,15 @@ static i64 tie_cutoff(const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_
 }
 
 /* out[i] = mask[i] ? grad[i] : +0 for n elements that grad, mask and out lay out alike: the gradient of a
-   Top-K layer, in one pass at memory speed (torch.where with a scalar takes several times as long). */
-void topk_masked_grad(const void *grad, const uint8_t *mask, void *out, i64 n, int wide, int threads) {
-    if (wide) {
-        const uint32_t *restrict g = (const uint32_t *)grad;
-        uint32_t *restrict o = (uint32_t *)out;
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (i64 i = 0; i < n; i++) o[i] = g[i] & (0u - (uint32_t)mask[i]);
-    } else {
-        const uint16_t *restrict g = (const uint16_t *)grad;
-        uint16_t *restrict o = (uint16_t *)out;
-        #pragma omp parallel for num_threads(threads) schedule(static)
-        for (i64 i = 0; i < n; i++) o[i] = g[i] & (uint16_t)(0u - (uint32_t)mask[i]);
+   Top-K layer, in one pass at memory speed (torch.where with a scalar takes several times as long). The
+   threads take equal contiguous parts. */
+void topk_masked_grad(const void *grad, const uint8_t *mask, void *out, i64 n, int wide, int threads, int simd) {
+    const steps *s = instruction_set(simd);
+    #pragma omp parallel num_threads(threads)
+    {
+        const i64 parts = THREAD_COUNT, from = n * THREAD_ID / parts, to = n * (THREAD_ID + 1) / parts;
+        if (wide) s->masked32((const uint32_t *)grad, mask, (uint32_t *)out, from, to);
+        else s->masked16((const uint16_t *)grad, mask, (uint16_t *)out, from, to);
     }
 }
 
@@ -568,10 +666,7 @@ i64 topk_scratch_keys(i64 len) { return (3 + LANES) * (len + SLACK); }
 void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int wide, uint32_t nan_key,
                  int first_bits, i64 outer, i64 inner, i64 len, i64 s_outer, i64 s_inner, i64 s_pos,
                  i64 count, int ties_all, int invert, int threads, int simd) {
-    const steps *s = &PLAIN;
-#ifdef HAVE_AVX2_PATH
-    if (simd && __builtin_cpu_supports("avx2")) s = &WITH_AVX2;
-#endif
+    const steps *s = instruction_set(simd);
     const i64 esize = wide ? 4 : 2, ld = len + SLACK;
     const i64 groups = s_inner == 1 && s_pos != 1 && len > 1 ? inner / LANES : 0;  /* per outer index */
     const i64 single = inner - groups * LANES;  /* channels left to do one by one, per outer index */
@@ -607,13 +702,8 @@ void topk_select(const void *x, void *y, uint8_t *mask, uint32_t *scratch, int w
             uint32_t t;
             i64 cut;
             row_threshold(s, xr, len, s_pos, wide, nan_key, first_bits, count, ties_all, cand, a, b, &t, &cut);
-            if (wide) {
-                s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, 0, cut, s_pos, nan_key, t, invert);
-                s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, cut, len, s_pos, nan_key, t + 1, invert);
-            } else {
-                s->write16((const uint16_t *)xr, (uint16_t *)yr, mr, 0, cut, s_pos, nan_key, t, invert);
-                s->write16((const uint16_t *)xr, (uint16_t *)yr, mr, cut, len, s_pos, nan_key, t + 1, invert);
-            }
+            if (wide) s->write32((const uint32_t *)xr, (uint32_t *)yr, mr, len, s_pos, nan_key, t, cut, invert);
+            else s->write16((const uint16_t *)xr, (uint16_t *)yr, mr, len, s_pos, nan_key, t, cut, invert);
         }
     }
 }
@@ -647,7 +737,8 @@ def _compile(flags: list[str]) -> ctypes.CDLL:
                                 ctypes.c_uint32, ctypes.c_int, _I64, _I64, _I64, _I64, _I64, _I64, _I64, ctypes.c_int,
                                 ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.topk_masked_grad.restype = None
-    lib.topk_masked_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64, ctypes.c_int, ctypes.c_int]
+    lib.topk_masked_grad.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, _I64, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_int]
     lib.topk_scratch_keys.restype = _I64
     lib.topk_scratch_keys.argtypes = [_I64]
     return lib
@@ -736,17 +827,17 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
     return y, kept
 
 
-def masked_grad(grad: torch.Tensor, mask: torch.Tensor):
+def masked_grad(grad: torch.Tensor, mask: torch.Tensor, *, simd: bool = True):
     """``grad`` where ``mask``, +0 elsewhere, in the layout of ``torch.empty_like(grad)``; None where the kernel
-    does not apply (``supports(grad)`` false, a mask that is not bool, or the two not laid out alike and densely)."""
-    formats = (torch.contiguous_format, torch.channels_last) if grad.dim() == 4 else (torch.contiguous_format,)
-    if not (supports(grad) and mask.dtype == torch.bool and grad.shape == mask.shape
-            and grad.stride() == mask.stride()
-            and any(grad.is_contiguous(memory_format=f) and mask.is_contiguous(memory_format=f) for f in formats)):
+    does not apply (``supports(grad)`` false, a mask that is not bool, or the two not laid out alike and densely).
+    ``simd`` as for ``select``."""
+    if not (supports(grad) and mask.dtype == torch.bool and grad.shape == mask.shape):
         return None
-    out = torch.empty_like(grad)
+    out = torch.empty_like(grad)  # dense: its strides equal grad's only where grad is dense too
+    if not out.stride() == grad.stride() == mask.stride():
+        return None
     _library().topk_masked_grad(grad.data_ptr(), mask.data_ptr(), out.data_ptr(), grad.numel(),
-                                int(grad.element_size() == 4), torch.get_num_threads())
+                                int(grad.element_size() == 4), torch.get_num_threads(), int(simd))
     return out
 
 
