@@ -16,9 +16,9 @@ channels at a time: their keys gathered into contiguous rows by 8x8 transposes (
 counts them, and packing would cost another pass), the values written back across the channels. On
 x86-64 the packing (a permute table), counting, ranking, gathering and writing loops also exist as AVX2
 versions, chosen at run time when the CPU has AVX2; elsewhere the portable loops run. The AVX2 loops end
-short lists with one masked vector and short rows with one overlapping vector instead of a scalar tail
-(13 x 13 maps spent a good part of their time there). ``masked_grad`` is the backward: the gradient where
-the mask is set, in one pass.
+short lists with one masked vector and short rows with one overlapping vector instead of a scalar tail (a
+13 x 13 map's rows run several short loops each). ``masked_grad`` is the backward: the gradient where the
+mask is set, in one pass.
 
 The kernel is plain C (no torch headers), compiled on first use with the system C compiler into a cache
 directory (``$TOPK_PLUGIN_CACHE``, default ``~/.cache/topk_plugin``) and loaded with ``ctypes``, which
@@ -260,7 +260,7 @@ AVX2 static inline __m256i lanes_within(i64 i, i64 n) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
-/* count_above (same contract) with no scalar tail: short candidate lists spend much of their time there. */
+/* count_above (same contract); a partial last vector is masked, not counted key by key. */
 AVX2 static void count_above_avx2(const uint32_t *c, i64 n, const int32_t bounds[4], i64 at_least[4]) {
     const __m256i b0 = _mm256_set1_epi32(bounds[0]), b1 = _mm256_set1_epi32(bounds[1]);
     const __m256i b2 = _mm256_set1_epi32(bounds[2]), b3 = _mm256_set1_epi32(bounds[3]);
@@ -344,7 +344,7 @@ AVX2 static i64 nonzero_keys_avx2(const void *x, i64 len, i64 s_pos, int wide, u
 
 /* write_row32 with a contiguous row in one vector pass, ties past cut dropped by comparing positions; the
    last vector overlaps the one before it (rewriting the same values: y never aliases x) instead of a scalar
-   tail, which short rows (13 x 13 maps) would spend much of their time in. */
+   tail. */
 AVX2 static void write_row32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mask, i64 len, i64 s_pos,
                                   uint32_t nan_key, uint32_t t, i64 cut, int invert) {
     if (s_pos != 1 || len < 8 || len > INT32_MAX) {
