@@ -253,11 +253,10 @@ AVX2 static uint32_t rank_select_avx2(uint32_t *cand, i64 n, i64 need, i64 *room
     *equal = -(i64)_mm_extract_epi32(sums, 1);
     return (uint32_t)_mm256_cvtsi256_si32(tv);
 }
-/* The lanes of a vector at index i of a list of n that hold list entries: a partial last vector is read whole
-   (scratch lists have SLACK keys after them) and its lanes past the end masked off. */
+/* The lanes of the partial last vector at index i of a list of n (n - i < 8) that hold list entries: the
+   vector is read whole (scratch lists have SLACK keys after them) and its lanes past the end masked off. */
 AVX2 static inline __m256i lanes_within(i64 i, i64 n) {
-    const int32_t left = n - i < 8 ? (int32_t)(n - i) : 8;
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(left), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)(n - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
 
 /* count_above (same contract); a partial last vector is masked, not counted key by key. */
@@ -317,6 +316,18 @@ AVX2 static inline i64 append_selected(__m256i v, int bits, uint32_t *out, i64 m
     return m + __builtin_popcount(bits);
 }
 
+/* One vector of a write pass: lane j keeps v (y = v, mask byte 1) where key(v) >= low's lane j, else +0 and
+   0; flip all ones inverts the choice. y or mask may be NULL (not wanted). */
+AVX2 static inline void write_kept(__m256i v, __m256i low, __m256i nan, __m256i flip, uint32_t *y, uint8_t *mask) {
+    const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, _mm256_set1_epi32(0x7fffffff)), nan);
+    const __m256i keep = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, low), k), flip);
+    if (y) _mm256_storeu_si256((__m256i *)y, _mm256_and_si256(v, keep));
+    if (mask) {
+        const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
+        memcpy(mask, &bytes, 8);
+    }
+}
+
 AVX2 static i64 nonzero_keys_avx2(const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key, uint32_t *out,
                                   uint32_t *top) {
     if (s_pos != 1) return nonzero_keys_plain(x, len, s_pos, wide, nan_key, out, top);
@@ -351,21 +362,14 @@ AVX2 static void write_row32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mask,
         write_ranges32_avx2(x, y, mask, len, s_pos, nan_key, t, cut, invert);
         return;
     }
-    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), nan = _mm256_set1_epi32((int)nan_key);
-    const __m256i flip = _mm256_set1_epi32(invert ? -1 : 0), low = _mm256_set1_epi32((int)t);
-    const __m256i before_cut = _mm256_set1_epi32((int32_t)cut - 1), lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i nan = _mm256_set1_epi32((int)nan_key), flip = _mm256_set1_epi32(invert ? -1 : 0);
+    const __m256i low = _mm256_set1_epi32((int)t), before_cut = _mm256_set1_epi32((int32_t)cut - 1);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     for (i64 p = 0; p < len; p += 8) {
         const i64 q = p + 8 <= len ? p : len - 8;
         /* t + 1 from cut on: q + lane > cut - 1 is all ones there, and subtracting -1 adds 1 */
         const __m256i lowq = _mm256_sub_epi32(low, _mm256_cmpgt_epi32(_mm256_add_epi32(_mm256_set1_epi32((int32_t)q), lane), before_cut));
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(x + q));
-        const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, magnitude), nan);
-        const __m256i keep = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, lowq), k), flip);
-        if (y) _mm256_storeu_si256((__m256i *)(y + q), _mm256_and_si256(v, keep));
-        if (mask) {
-            const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
-            memcpy(mask + q, &bytes, 8);
-        }
+        write_kept(_mm256_loadu_si256((const __m256i *)(x + q)), lowq, nan, flip, y ? y + q : NULL, mask ? mask + q : NULL);
     }
 }
 
@@ -439,26 +443,18 @@ WRITE_LANES(write_lanes16_avx2, uint16_t, 0x7fffu, AVX2)
 
 AVX2 static void write_lanes32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mask, i64 len, i64 s_pos,
                                     uint32_t nan_key, const uint32_t *lowest, const i64 *cut, int invert) {
-    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), nan = _mm256_set1_epi32((int)nan_key);
-    const __m256i flip = _mm256_set1_epi32(invert ? -1 : 0), low = _mm256_loadu_si256((const __m256i *)lowest);
+    const __m256i nan = _mm256_set1_epi32((int)nan_key), flip = _mm256_set1_epi32(invert ? -1 : 0);
+    const __m256i low = _mm256_loadu_si256((const __m256i *)lowest);
     int32_t cuts[LANES];
     for (int l = 0; l < LANES; l++) cuts[l] = (int32_t)cut[l];
     const __m256i cutv = _mm256_loadu_si256((const __m256i *)cuts);
     for (i64 p = 0; p < len; p++) {
         const i64 at = p * s_pos;
-        const __m256i v = _mm256_loadu_si256((const __m256i *)(x + at));
-        const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, magnitude), nan);
         /* lowest + 1 from cut on: p >= cut <=> p + 1 > cut, all ones there, and subtracting -1 adds 1 */
         const __m256i lowp = _mm256_sub_epi32(low, _mm256_cmpgt_epi32(_mm256_set1_epi32((int32_t)p + 1), cutv));
-        const __m256i keep = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, lowp), k), flip);
-        if (y) {
-            _mm256_storeu_si256((__m256i *)(y + at), _mm256_and_si256(v, keep));
-            __builtin_prefetch(y + at + NEXT_LINE, 1, 3);
-        }
-        if (mask) {
-            const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
-            memcpy(mask + at, &bytes, 8);
-        }
+        write_kept(_mm256_loadu_si256((const __m256i *)(x + at)), lowp, nan, flip, y ? y + at : NULL,
+                   mask ? mask + at : NULL);
+        if (y) __builtin_prefetch(y + at + NEXT_LINE, 1, 3);
     }
 }
 
