@@ -422,17 +422,13 @@ def test_masked_grad_kernel_in_any_dense_layout(simd, dtype, threads):
     base = torch.randn(3, 5, 7, 11).to(dtype)
     layouts = {"contiguous": base, "permuted": base.permute(2, 0, 3, 1), "offset": base[1:],
                "odd length": base.reshape(-1)[: 3 * 5 * 7 * 11 - 13]}
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        for name, g in layouts.items():
-            mask = torch.empty_like(g, dtype=torch.bool).copy_(torch.rand(g.shape) < 0.4)
-            out = _select.masked_grad(g, mask, simd=simd)
-            assert out is not None, name  # the kernel ran, not the torch fallback
-            assert_same(out, torch.where(mask, g, torch.zeros((), dtype=dtype)))
-            assert out.stride() == g.stride(), name
-    finally:
-        torch.set_num_threads(before)
+    torch.set_num_threads(threads)  # conftest's autouse fixture sets it back for the next test
+    for name, g in layouts.items():
+        mask = torch.empty_like(g, dtype=torch.bool).copy_(torch.rand(g.shape) < 0.4)
+        out = _select.masked_grad(g, mask, simd=simd)
+        assert out is not None, name  # the kernel ran, not the torch fallback
+        assert_same(out, torch.where(mask, g, torch.zeros((), dtype=dtype)))
+        assert out.stride() == g.stride(), name
 
 
 @pytest.mark.parametrize("shape", [(7,), (3, 5), (2, 3, 4, 5, 6)])
