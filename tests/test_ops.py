@@ -342,6 +342,41 @@ def test_fake_tensors_take_the_shape_only_implementation(mode):
     assert mask.shape == x.shape and mask.dtype == torch.bool and tokens.shape == (2, 5, 4)
 
 
+OPS = torch.ops.topk_plugin
+OPCHECK_CASES = {  # (op, args): spatial maps (dense, channels_last, half, the torch path), tokens with a CLS
+    "with_mask": (OPS.topk_with_mask.default, (torch.randn(2, 3, 5, 5).relu(), 5, "spatial", "first", 0, False)),
+    "with_mask_channels_last": (OPS.topk_with_mask.default, (
+        torch.randn(2, 3, 5, 5).to(memory_format=torch.channels_last), 3, "spatial", "all", 0, True)),
+    "with_mask_tokens": (OPS.topk_with_mask.default, (torch.randn(2, 6, 4), 2, "token", "first", 1, False)),
+    "with_mask_float64": (OPS.topk_with_mask.default, (torch.randn(2, 3, 4, 4, dtype=torch.float64), 4, "spatial",
+                                                       "first", 0, False)),
+    "values": (OPS.topk.default, (torch.randn(2, 3, 5, 5).half(), 5, "spatial", "first", 0, True)),
+    "mask": (OPS.topk_mask.default, (torch.randn(2, 6, 4), 2, "token", "all", 1)),
+    "masked_grad": (OPS.masked_grad.default, (torch.randn(2, 3, 4, 4), torch.rand(2, 3, 4, 4) > 0.5)),
+}
+
+
+@pytest.mark.parametrize("case", OPCHECK_CASES)
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_registered_ops_pass_torch_opcheck(case, requires_grad):
+    """Schema, fake impl, autograd registration and AOT tracing checked by torch's own test of custom ops."""
+    op, (x, *args) = OPCHECK_CASES[case]
+    x = x.clone().requires_grad_(requires_grad and x.is_floating_point())
+    assert all(r == "SUCCESS" for r in torch.library.opcheck(op, (x, *args)).values())
+
+
+@pytest.mark.parametrize("invert", [False, True])
+def test_the_values_op_backpropagates_through_what_it_keeps(invert):
+    """Called directly with a gradient to compute, ``topk`` (values only) still gives the masked gradient; an op
+    without an autograd kernel would get torch's fallback, which backpropagates as if it were the identity."""
+    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+    grad = torch.randn_like(x)
+    y = OPS.topk(x, 7, "spatial", "first", 0, invert)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    mask = OPS.topk_mask(x.detach(), 7, "spatial", "first", 0)
+    assert torch.equal(dx, torch.where(mask != invert, grad, 0))
+
+
 class OpLog(TorchDispatchMode):
     def __init__(self):
         super().__init__()

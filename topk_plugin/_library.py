@@ -148,6 +148,8 @@ def _torch_select(x, count, kind, ties, num_prefix_tokens, invert, values: bool)
 
 def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``t`` in the layout of ``torch.empty_like(x)`` (copied only where it differs)."""
+    if t.stride() == x.stride() and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        return t  # empty_like keeps a dense tensor's strides: no need to ask it (a meta call costs ~10 us)
     layout = torch.empty_like(x, dtype=t.dtype, device="meta")  # strides only: nothing allocated
     return t if layout.stride() == t.stride() else torch.empty_like(x, dtype=t.dtype).copy_(t)
 
@@ -164,71 +166,135 @@ def _run(x, count, kind, ties, num_prefix_tokens, invert, values: bool, mask: bo
 
 # ----------------------------------------------------------------------------- the ops
 
-@torch.library.custom_op("topk_plugin::topk_mask", mutates_args=())
-def topk_mask(x: torch.Tensor, count: int, kind: str, ties: str, num_prefix_tokens: int) -> torch.Tensor:
+# Defined with the dispatcher directly (``Library``), not ``torch.library.custom_op``: the same schema, kernels,
+# fake impls and autograd, without custom_op's per-call Python layers (default filling, alias checks, dynamo
+# guards). The autograd Functions are of the ``forward(ctx, ...)`` style: one with ``setup_context`` has its
+# arguments bound by ``inspect.signature`` on every call.
+_LIB = torch.library.Library("topk_plugin", "DEF")
+_SELECT_ARGS = "Tensor x, SymInt count, str kind, str ties, SymInt num_prefix_tokens"
+_LIB.define(f"topk_mask({_SELECT_ARGS}) -> Tensor")
+_LIB.define(f"topk({_SELECT_ARGS}, bool invert) -> Tensor")
+_LIB.define(f"topk_with_mask({_SELECT_ARGS}, bool invert) -> (Tensor, Tensor)")
+_LIB.define("masked_grad(Tensor grad, Tensor mask) -> Tensor")
+_OPS = torch.ops.topk_plugin
+
+
+def _kernel(name: str):
+    """Register ``fn`` as the kernel of op ``name`` on every device (it picks the C kernel or the torch path)."""
+    def register(fn):
+        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        return fn
+    return register
+
+
+def _fake(name: str):
+    """Register ``fn`` as the fake impl of op ``name``: shapes only, for compile, export and FakeTensorMode."""
+    return torch.library.register_fake(f"topk_plugin::{name}", lib=_LIB)
+
+
+def _autograd(name: str):
+    """Register ``fn`` as what op ``name`` does when autograd is on (every op has one: torch's fallback for an op
+    without one backpropagates as if the op were the identity, with a warning, which is a silent wrong gradient)."""
+    def register(fn):
+        _LIB.impl(name, fn, "Autograd")
+        return fn
+    return register
+
+
+@_kernel("topk_mask")
+def _topk_mask(x, count, kind, ties, num_prefix_tokens):
     return _run(x, count, kind, ties, num_prefix_tokens, False, values=False, mask=True)[1]
 
 
-@torch.library.custom_op("topk_plugin::topk", mutates_args=())
-def topk(x: torch.Tensor, count: int, kind: str, ties: str, num_prefix_tokens: int, invert: bool) -> torch.Tensor:
+@_kernel("topk")
+def _topk(x, count, kind, ties, num_prefix_tokens, invert):
     return _run(x, count, kind, ties, num_prefix_tokens, invert, values=True, mask=False)[0]
 
 
-@torch.library.custom_op("topk_plugin::topk_with_mask", mutates_args=())
-def topk_with_mask(x: torch.Tensor, count: int, kind: str, ties: str, num_prefix_tokens: int,
-                   invert: bool) -> tuple[torch.Tensor, torch.Tensor]:
+@_kernel("topk_with_mask")
+def _topk_with_mask(x, count, kind, ties, num_prefix_tokens, invert):
     return _run(x, count, kind, ties, num_prefix_tokens, invert, values=True, mask=True)
 
 
-@topk_mask.register_fake
-def _(x, count, kind, ties, num_prefix_tokens):
-    _check_args(x, count, kind, ties, num_prefix_tokens)
-    return torch.empty_like(x, dtype=torch.bool)
-
-
-@topk.register_fake
-def _(x, count, kind, ties, num_prefix_tokens, invert):
-    _check_args(x, count, kind, ties, num_prefix_tokens)
-    return torch.empty_like(x)
-
-
-@topk_with_mask.register_fake
-def _(x, count, kind, ties, num_prefix_tokens, invert):
-    _check_args(x, count, kind, ties, num_prefix_tokens)
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
-
-
-@torch.library.custom_op("topk_plugin::masked_grad", mutates_args=())
-def masked_grad(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+@_kernel("masked_grad")
+def _masked_grad(grad, mask):
     """``grad`` where ``mask``, 0 elsewhere: the backward of ``topk_with_mask`` (the C kernel on CPU)."""
     fast = _select.masked_grad(grad, mask)
     return fast if fast is not None else _like(grad, torch.where(mask, grad, 0))
 
 
-@masked_grad.register_fake
+@_fake("topk_mask")
+def _(x, count, kind, ties, num_prefix_tokens):
+    _check_args(x, count, kind, ties, num_prefix_tokens)
+    return torch.empty_like(x, dtype=torch.bool)
+
+
+@_fake("topk")
+def _(x, count, kind, ties, num_prefix_tokens, invert):
+    _check_args(x, count, kind, ties, num_prefix_tokens)
+    return torch.empty_like(x)
+
+
+@_fake("topk_with_mask")
+def _(x, count, kind, ties, num_prefix_tokens, invert):
+    _check_args(x, count, kind, ties, num_prefix_tokens)
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+@_fake("masked_grad")
 def _(grad, mask):
     return torch.empty_like(grad)
 
 
-def _save_mask(ctx, inputs, output):
-    ctx.save_for_backward(output[1])
-    ctx.set_materialize_grads(False)  # the mask output gets no gradient: no zeros tensor made for it
+class _TopKWithMask(torch.autograd.Function):
+    """``topk_with_mask`` under autograd: saves only the boolean mask; the backward is ``masked_grad``."""
+
+    @staticmethod
+    def forward(ctx, *args):
+        with torch._C._AutoDispatchBelowAutograd():
+            values, mask = _OPS.topk_with_mask(*args)
+        ctx.save_for_backward(mask)
+        ctx.mark_non_differentiable(mask)
+        ctx.set_materialize_grads(False)  # the mask gets no gradient: no zeros tensor made for it
+        return values, mask
+
+    @staticmethod
+    def backward(ctx, grad, _grad_mask):
+        (mask,) = ctx.saved_tensors
+        return (None if grad is None else _OPS.masked_grad(grad, mask)), None, None, None, None, None
 
 
-def _backward(ctx, grad, _grad_mask):
-    (mask,) = ctx.saved_tensors
-    return (None if grad is None else masked_grad(grad, mask)), None, None, None, None, None
+class _MaskedGrad(torch.autograd.Function):
+    """``masked_grad`` under autograd: linear in ``grad``, so its backward masks the same way (double backward)."""
+
+    @staticmethod
+    def forward(ctx, grad, mask):
+        ctx.save_for_backward(mask)
+        with torch._C._AutoDispatchBelowAutograd():
+            return _OPS.masked_grad(grad, mask)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (mask,) = ctx.saved_tensors
+        return _OPS.masked_grad(grad, mask), None
 
 
-def _save_grad_mask(ctx, inputs, output):
-    ctx.save_for_backward(inputs[1])
+_autograd("topk_with_mask")(_TopKWithMask.apply)
+_autograd("masked_grad")(_MaskedGrad.apply)
 
 
-def _masked_grad_backward(ctx, grad):  # linear in grad: double backward masks the same way
-    (mask,) = ctx.saved_tensors
-    return masked_grad(grad, mask), None
+@_autograd("topk")
+def _(x, count, kind, ties, num_prefix_tokens, invert):
+    if torch.is_grad_enabled() and x.requires_grad:  # the values-only op has no mask to backpropagate with
+        return _TopKWithMask.apply(x, count, kind, ties, num_prefix_tokens, invert)[0]
+    with torch._C._AutoDispatchBelowAutograd():
+        return _OPS.topk(x, count, kind, ties, num_prefix_tokens, invert)
 
 
-topk_with_mask.register_autograd(_backward, setup_context=_save_mask)
-masked_grad.register_autograd(_masked_grad_backward, setup_context=_save_grad_mask)
+@_autograd("topk_mask")
+def _(x, count, kind, ties, num_prefix_tokens):
+    with torch._C._AutoDispatchBelowAutograd():  # a boolean output: nothing to differentiate
+        return _OPS.topk_mask(x, count, kind, ties, num_prefix_tokens)
+
+
 _onnx.register_torchscript_symbolics()

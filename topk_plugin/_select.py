@@ -802,7 +802,8 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
     wanted = [values, mask]
     outputs = _outputs(x, wanted)
     geometry = _geometry(x, kind, num_prefix_tokens)
-    if geometry is None or any(_geometry(t, kind, num_prefix_tokens) != geometry for t in outputs if t is not None):
+    if geometry is None or any(t.stride() != x.stride() and _geometry(t, kind, num_prefix_tokens) != geometry
+                               for t in outputs if t is not None):
         x = x.contiguous()
         outputs = _outputs(x, wanted)
         geometry = _geometry(x, kind, num_prefix_tokens)
