@@ -246,13 +246,18 @@ def _(grad, mask):
     return torch.empty_like(grad)
 
 
+def _below_autograd(op, *args):
+    """``op`` with autograd's kernel skipped: the kernel of its device (or the fake impl)."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
 class _TopKWithMask(torch.autograd.Function):
     """``topk_with_mask`` under autograd: saves only the boolean mask; the backward is ``masked_grad``."""
 
     @staticmethod
     def forward(ctx, *args):
-        with torch._C._AutoDispatchBelowAutograd():
-            values, mask = _OPS.topk_with_mask(*args)
+        values, mask = _below_autograd(_OPS.topk_with_mask, *args)
         ctx.save_for_backward(mask)
         ctx.mark_non_differentiable(mask)
         ctx.set_materialize_grads(False)  # the mask gets no gradient: no zeros tensor made for it
@@ -270,8 +275,7 @@ class _MaskedGrad(torch.autograd.Function):
     @staticmethod
     def forward(ctx, grad, mask):
         ctx.save_for_backward(mask)
-        with torch._C._AutoDispatchBelowAutograd():
-            return _OPS.masked_grad(grad, mask)
+        return _below_autograd(_OPS.masked_grad, grad, mask)
 
     @staticmethod
     def backward(ctx, grad):
@@ -279,22 +283,32 @@ class _MaskedGrad(torch.autograd.Function):
         return _OPS.masked_grad(grad, mask), None
 
 
-_autograd("topk_with_mask")(_TopKWithMask.apply)
-_autograd("masked_grad")(_MaskedGrad.apply)
+def _needs_grad(x: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and x.requires_grad
+
+
+# Without a gradient to compute the autograd kernels call the device kernel at once: an autograd Function
+# that records nothing still costs tens of microseconds (a backward's masked_grad is such a call).
+@_autograd("topk_with_mask")
+def _(x, *args):
+    return _TopKWithMask.apply(x, *args) if _needs_grad(x) else _below_autograd(_OPS.topk_with_mask, x, *args)
 
 
 @_autograd("topk")
-def _(x, count, kind, ties, num_prefix_tokens, invert):
-    if torch.is_grad_enabled() and x.requires_grad:  # the values-only op has no mask to backpropagate with
-        return _TopKWithMask.apply(x, count, kind, ties, num_prefix_tokens, invert)[0]
-    with torch._C._AutoDispatchBelowAutograd():
-        return _OPS.topk(x, count, kind, ties, num_prefix_tokens, invert)
+def _(x, *args):
+    if _needs_grad(x):  # the values-only op has no mask to backpropagate with
+        return _TopKWithMask.apply(x, *args)[0]
+    return _below_autograd(_OPS.topk, x, *args)
+
+
+@_autograd("masked_grad")
+def _(grad, mask):
+    return _MaskedGrad.apply(grad, mask) if _needs_grad(grad) else _below_autograd(_OPS.masked_grad, grad, mask)
 
 
 @_autograd("topk_mask")
-def _(x, count, kind, ties, num_prefix_tokens):
-    with torch._C._AutoDispatchBelowAutograd():  # a boolean output: nothing to differentiate
-        return _OPS.topk_mask(x, count, kind, ties, num_prefix_tokens)
+def _(*args):
+    return _below_autograd(_OPS.topk_mask, *args)  # a boolean output: nothing to differentiate
 
 
 _onnx.register_torchscript_symbolics()
