@@ -363,6 +363,7 @@ def test_registered_ops_pass_torch_opcheck(case, requires_grad):
     op, (x, *args) = OPCHECK_CASES[case]
     x = x.clone().requires_grad_(requires_grad and x.is_floating_point())
     assert all(r == "SUCCESS" for r in torch.library.opcheck(op, (x, *args)).values())
+    assert torch.Tag.pt2_compliant_tag in op.tags  # what opcheck vouches for, declared to compile and export
 
 
 @pytest.mark.parametrize("invert", [False, True])
