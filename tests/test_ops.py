@@ -342,6 +342,14 @@ def test_fake_tensors_take_the_shape_only_implementation(mode):
     assert mask.shape == x.shape and mask.dtype == torch.bool and tokens.shape == (2, 5, 4)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_meta_tensors_take_the_shape_only_implementation(mode):
+    x = torch.empty(2, 3, 8, 8, device="meta", requires_grad=True)
+    y = topk(x, 0.1, mode=mode)
+    assert (y.shape, y.dtype, y.device.type) == (x.shape, x.dtype, "meta")
+    assert topk_mask(x, 0.1).dtype == torch.bool
+
+
 OPS = torch.ops.topk_plugin
 OPCHECK_CASES = {  # (op, args): spatial maps (dense, channels_last, half, the torch path), tokens with a CLS
     "with_mask": (OPS.topk_with_mask.default, (torch.randn(2, 3, 5, 5).relu(), 5, "spatial", "first", 0, False)),
@@ -369,7 +377,7 @@ def test_registered_ops_pass_torch_opcheck(case, requires_grad):
 @pytest.mark.parametrize("invert", [False, True])
 def test_the_values_op_backpropagates_through_what_it_keeps(invert):
     """Called directly with a gradient to compute, ``topk`` (values only) still gives the masked gradient; an op
-    without an autograd kernel would get torch's fallback, which backpropagates as if it were the identity."""
+    without an autograd kernel would get torch's fallback, which backpropagates no gradient through it."""
     x = torch.randn(2, 3, 6, 6, requires_grad=True)
     grad = torch.randn_like(x)
     y = OPS.topk(x, 7, "spatial", "first", 0, invert)

@@ -194,8 +194,8 @@ def _fake(name: str):
 
 
 def _autograd(name: str):
-    """Register ``fn`` as what op ``name`` does when autograd is on (every op has one: torch's fallback for an op
-    without one backpropagates as if the op were the identity, with a warning, which is a silent wrong gradient)."""
+    """Register ``fn`` as what op ``name`` does when autograd is on (every op has one: for an op without one, torch
+    backpropagates no gradient through it, with only a warning: a silent wrong gradient)."""
     def register(fn):
         _LIB.impl(name, fn, "Autograd")
         return fn
