@@ -180,10 +180,12 @@ for _schema in (f"topk_mask({_SELECT_ARGS}) -> Tensor", f"topk({_SELECT_ARGS}, b
 _OPS = torch.ops.topk_plugin
 
 
-def _kernel(name: str):
-    """Register ``fn`` as the kernel of op ``name`` on every device (it picks the C kernel or the torch path)."""
+def _impl(name: str, dispatch_key: str):
+    """Register ``fn`` for op ``name`` at ``dispatch_key``: ``"CompositeExplicitAutograd"`` for the kernel of every
+    device (it picks the C kernel or the torch path), ``"Autograd"`` for what the op does when autograd is on
+    (every op has one: for an op without one, torch backpropagates no gradient through it, with only a warning)."""
     def register(fn):
-        _LIB.impl(name, fn, "CompositeExplicitAutograd")
+        _LIB.impl(name, fn, dispatch_key)
         return fn
     return register
 
@@ -193,31 +195,22 @@ def _fake(name: str):
     return torch.library.register_fake(f"topk_plugin::{name}", lib=_LIB)
 
 
-def _autograd(name: str):
-    """Register ``fn`` as what op ``name`` does when autograd is on (every op has one: for an op without one, torch
-    backpropagates no gradient through it, with only a warning: a silent wrong gradient)."""
-    def register(fn):
-        _LIB.impl(name, fn, "Autograd")
-        return fn
-    return register
-
-
-@_kernel("topk_mask")
+@_impl("topk_mask", "CompositeExplicitAutograd")
 def _topk_mask(x, count, kind, ties, num_prefix_tokens):
     return _run(x, count, kind, ties, num_prefix_tokens, False, values=False, mask=True)[1]
 
 
-@_kernel("topk")
+@_impl("topk", "CompositeExplicitAutograd")
 def _topk(x, count, kind, ties, num_prefix_tokens, invert):
     return _run(x, count, kind, ties, num_prefix_tokens, invert, values=True, mask=False)[0]
 
 
-@_kernel("topk_with_mask")
+@_impl("topk_with_mask", "CompositeExplicitAutograd")
 def _topk_with_mask(x, count, kind, ties, num_prefix_tokens, invert):
     return _run(x, count, kind, ties, num_prefix_tokens, invert, values=True, mask=True)
 
 
-@_kernel("masked_grad")
+@_impl("masked_grad", "CompositeExplicitAutograd")
 def _masked_grad(grad, mask):
     """``grad`` where ``mask``, 0 elsewhere: the backward of ``topk_with_mask`` (the C kernel on CPU)."""
     fast = _select.masked_grad(grad, mask)
@@ -290,24 +283,24 @@ def _needs_grad(x: torch.Tensor) -> bool:
 
 # Without a gradient to compute the autograd kernels call the device kernel at once: an autograd Function
 # that records nothing still costs tens of microseconds (a backward's masked_grad is such a call).
-@_autograd("topk_with_mask")
+@_impl("topk_with_mask", "Autograd")
 def _(x, *args):
     return _TopKWithMask.apply(x, *args) if _needs_grad(x) else _below_autograd(_OPS.topk_with_mask, x, *args)
 
 
-@_autograd("topk")
+@_impl("topk", "Autograd")
 def _(x, *args):
     if _needs_grad(x):  # the values-only op has no mask to backpropagate with
         return _TopKWithMask.apply(x, *args)[0]
     return _below_autograd(_OPS.topk, x, *args)
 
 
-@_autograd("masked_grad")
+@_impl("masked_grad", "Autograd")
 def _(grad, mask):
     return _MaskedGrad.apply(grad, mask) if _needs_grad(grad) else _below_autograd(_OPS.masked_grad, grad, mask)
 
 
-@_autograd("topk_mask")
+@_impl("topk_mask", "Autograd")
 def _(*args):
     return _below_autograd(_OPS.topk_mask, *args)  # a boolean output: nothing to differentiate
 

@@ -80,10 +80,11 @@ def _channel_mean_of_kept(x: torch.Tensor, mask: torch.Tensor, kind: str, prefix
 
 
 def _keep(invert: bool):
-    """``topk`` (``invert=False``) or ``non_topk``: the registered op; the mask only when it is needed (a
-    ``torch.jit.trace`` records the differentiable op: the traced graph must not depend on the grad mode)."""
+    """``topk`` (``invert=False``) or ``non_topk``: the registered op. The values-only op writes the mask itself
+    when a gradient needs it (its autograd kernel); a ``torch.jit.trace`` records the op with the mask, so the
+    traced graph does not depend on the grad mode at tracing time."""
     def apply(x, count, kind, ties, prefix, with_mask):
-        if with_mask or torch.jit.is_tracing() or (torch.is_grad_enabled() and x.requires_grad):
+        if with_mask or torch.jit.is_tracing():
             return torch.ops.topk_plugin.topk_with_mask(x, count, kind, ties, prefix, invert)
         return torch.ops.topk_plugin.topk(x, count, kind, ties, prefix, invert), None
     return apply
