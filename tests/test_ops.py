@@ -408,6 +408,19 @@ def test_no_mask_is_written_without_a_gradient_to_compute(mode):
     assert [n for n in log.names if n.startswith("topk_plugin")] == ["topk_plugin.topk.default"]
 
 
+def test_backward_writes_only_the_masked_gradient():
+    """The mask output gets no gradient: the backward must not build (and fill) a zero gradient for it,
+    which cost as much as the masked gradient itself on 13x13 maps."""
+    x = torch.randn(2, 4, 6, 6).relu().requires_grad_()
+    y = topk(x, 0.25)
+    grad = torch.randn_like(y)
+    with OpLog() as log:
+        (g,) = torch.autograd.grad(y, x, grad)
+    assert torch.equal(g, torch.where(topk_mask(x, 0.25), grad, 0))
+    ops = {name.split(".")[1] for name in log.names}  # "aten.zeros_like.default" -> "zeros_like"
+    assert not {"zeros", "zeros_like", "zero_", "fill_", "full"} & ops, log.names
+
+
 # ----------------------------------------------------------------------------- measurement
 
 def test_layer_records_every_call_while_measuring():
