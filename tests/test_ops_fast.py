@@ -264,11 +264,36 @@ def test_nan_threshold_drops_later_nans_of_any_payload(simd, dtype, invert):
     x = x.to(dtype)
     bits = x.view(torch.int16 if dtype != torch.float32 else torch.int32).view(-1)
     bits[8] = bits[8] | 1  # another payload
-    bits[12] = -bits[12].abs()  # negative NaN
+    bits[12] |= torch.iinfo(bits.dtype).min  # the sign bit: a negative NaN
     kept = torch.zeros(20, dtype=torch.bool)
     kept[[0, 3, 8, 9]] = True
     kept = kept.reshape(1, 1, 4, 5) ^ invert
     y, mask = _select.select(x, 4, kind="spatial", ties="first", invert=invert, simd=simd)
+    assert torch.equal(mask, kept)
+    assert_same(y, x.masked_fill(~kept, 0))
+
+
+@needs_kernel
+@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("invert", [False, True])
+@pytest.mark.parametrize("ties", ["first", "all"])
+def test_exactly_k_nans_keeps_every_payload_and_drops_inf(simd, dtype, invert, ties):
+    """Exactly K NaNs: the threshold is the NaN key and one threshold holds for the whole row, so the write
+    compares raw magnitude bits (no NaN clamp): every NaN, whatever its payload or sign, is kept, and the
+    infinities just below, -inf included, are dropped; with a tail after the last whole vector."""
+    x = torch.arange(1, 22, dtype=torch.float32).reshape(1, 1, 3, 7)
+    x.view(-1)[[2, 9, 15, 20]] = float("nan")
+    x.view(-1)[[0, 11]] = torch.tensor([float("inf"), float("-inf")])
+    x = x.to(dtype)
+    bits = x.view(torch.int16 if dtype != torch.float32 else torch.int32).view(-1)
+    bits[9] = bits[9] | 3  # another payload
+    bits[15] |= torch.iinfo(bits.dtype).min  # the sign bit: a negative NaN
+    bits[20] = _select.NAN_KEYS[dtype]  # the smallest NaN pattern: the NaN key itself
+    kept = torch.zeros(21, dtype=torch.bool)
+    kept[[2, 9, 15, 20]] = True
+    kept = kept.reshape(1, 1, 3, 7) ^ invert
+    y, mask = _select.select(x, 4, kind="spatial", ties=ties, invert=invert, simd=simd)
     assert torch.equal(mask, kept)
     assert_same(y, x.masked_fill(~kept, 0))
 

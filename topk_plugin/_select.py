@@ -353,13 +353,43 @@ AVX2 static i64 nonzero_keys_avx2(const void *x, i64 len, i64 s_pos, int wide, u
     return m;
 }
 
-/* write_row32 with a contiguous row in one vector pass, ties past cut dropped by comparing positions; the
-   last vector overlaps the one before it (rewriting the same values: y never aliases x) instead of a scalar
-   tail. */
+/* Write a contiguous row (len >= 8) keeping the elements whose magnitude bits exceed `below` (xor flip): one
+   compare on the raw bits, no NaN clamp (write_row32_avx2 says when that is exact). The last vector overlaps
+   the one before it (rewriting the same values: y never aliases x) instead of a scalar tail. Inlined with
+   constant want_y / want_mask, so each output combination gets its own loop. */
+AVX2 static inline __attribute__((always_inline)) void keep_above32(const uint32_t *x, uint32_t *y, uint8_t *mask,
+                                                                 i64 len, int32_t below, int invert, int want_y,
+                                                                 int want_mask) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), belowv = _mm256_set1_epi32(below);
+    const __m256i flip = _mm256_set1_epi32(invert ? -1 : 0);
+    for (i64 p = 0; p < len; p += 8) {
+        const i64 q = p + 8 <= len ? p : len - 8;
+        const __m256i v = _mm256_loadu_si256((const __m256i *)(x + q));
+        const __m256i keep = _mm256_xor_si256(_mm256_cmpgt_epi32(_mm256_and_si256(v, magnitude), belowv), flip);
+        if (want_y) _mm256_storeu_si256((__m256i *)(y + q), _mm256_and_si256(v, keep));
+        if (want_mask) {
+            const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
+            memcpy(mask + q, &bytes, 8);
+        }
+    }
+}
+
+/* write_row32 with a contiguous row in one vector pass. Where one threshold holds for the whole row (cut at
+   len, or at 0, which only t == 0 gives: the usual case), it is at most the NaN key (t is a key), so
+   key(x) >= lowest is (x's magnitude bits) > lowest - 1 without clamping NaNs to the NaN key (every NaN's
+   bits lie at or above it): keep_above32, about half the instructions. Otherwise ties past cut are dropped
+   by comparing positions. */
 AVX2 static void write_row32_avx2(const uint32_t *x, uint32_t *y, uint8_t *mask, i64 len, i64 s_pos,
                                   uint32_t nan_key, uint32_t t, i64 cut, int invert) {
     if (s_pos != 1 || len < 8 || len > INT32_MAX) {
         write_ranges32_avx2(x, y, mask, len, s_pos, nan_key, t, cut, invert);
+        return;
+    }
+    if (cut <= 0 || cut >= len) {
+        const int32_t below = (int32_t)(cut >= len ? t : t + 1) - 1;  /* -1 when t is 0 and cut len: keeps all */
+        if (y && mask) keep_above32(x, y, mask, len, below, invert, 1, 1);
+        else if (y) keep_above32(x, y, mask, len, below, invert, 1, 0);
+        else keep_above32(x, y, mask, len, below, invert, 0, 1);
         return;
     }
     const __m256i nan = _mm256_set1_epi32((int)nan_key), flip = _mm256_set1_epi32(invert ? -1 : 0);
