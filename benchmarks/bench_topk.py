@@ -265,7 +265,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="steady: glibc keeps freed memory, so timings exclude page faults of fresh buffers "
                              "(see keep_freed_memory); system: the allocator as the process started")
     parser.add_argument("--threads", type=positive_int, default=2, help="torch CPU threads (the kernel uses as many)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per case (the best is reported)")
+    parser.add_argument("--repeats", type=positive_int, default=5,
+                        help="timed rounds per case (best-of and the median of per-round ratios are reported)")
     parser.add_argument("--batch", type=positive_int, default=32, help="batch size of the whole-model cases")
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS, help="whole-model cases")
     parser.add_argument("--cases", nargs="+", default=list(CASES), choices=CASES, help="which tables to run")

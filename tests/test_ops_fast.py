@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topk_plugin import _select, keep_count, topk, topk_mask
+from topk_plugin._library import _BITS_AS_INT
 from topk_plugin.ops import MODES, topk_and_mask
 
 needs_kernel = pytest.mark.skipif(not _select.available(), reason="no C compiler: the C kernel is not built")
@@ -255,30 +256,25 @@ def test_short_rows_and_few_candidates_match_reference(hw, channels, levels, spe
 @needs_kernel
 @pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("invert", [False, True])
-def test_nan_threshold_drops_later_nans_of_any_payload(simd, dtype, invert):
+def test_nan_threshold_drops_later_nans_of_any_payload(simd, dtype):
     """More NaNs than K: the first K NaNs are kept; later ones, whatever their payload (quiet NaN patterns sit
     far above the one NaN key), are dropped; in rows long enough for the vector loops, with a tail."""
     x = torch.arange(1, 21, dtype=torch.float32).reshape(1, 1, 4, 5)
     x.view(-1)[[0, 3, 8, 9, 12, 17, 19]] = float("nan")
     x = x.to(dtype)
-    bits = x.view(torch.int16 if dtype != torch.float32 else torch.int32).view(-1)
+    bits = x.view(_BITS_AS_INT[dtype]).view(-1)
     bits[8] = bits[8] | 1  # another payload
     bits[12] |= torch.iinfo(bits.dtype).min  # the sign bit: a negative NaN
     kept = torch.zeros(20, dtype=torch.bool)
     kept[[0, 3, 8, 9]] = True
-    kept = kept.reshape(1, 1, 4, 5) ^ invert
-    y, mask = _select.select(x, 4, kind="spatial", ties="first", invert=invert, simd=simd)
-    assert torch.equal(mask, kept)
-    assert_same(y, x.masked_fill(~kept, 0))
+    assert_kernel_outputs(x, 4, kept.reshape(1, 1, 4, 5), kind="spatial", ties="first", simd=simd)
 
 
 @needs_kernel
 @pytest.mark.parametrize("simd", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("invert", [False, True])
 @pytest.mark.parametrize("ties", ["first", "all"])
-def test_exactly_k_nans_keeps_every_payload_and_drops_inf(simd, dtype, invert, ties):
+def test_exactly_k_nans_keeps_every_payload_and_drops_inf(simd, dtype, ties):
     """Exactly K NaNs: the threshold is the NaN key and one threshold holds for the whole row, so the write
     compares raw magnitude bits (no NaN clamp): every NaN, whatever its payload or sign, is kept, and the
     infinities just below, -inf included, are dropped; with a tail after the last whole vector."""
@@ -286,16 +282,13 @@ def test_exactly_k_nans_keeps_every_payload_and_drops_inf(simd, dtype, invert, t
     x.view(-1)[[2, 9, 15, 20]] = float("nan")
     x.view(-1)[[0, 11]] = torch.tensor([float("inf"), float("-inf")])
     x = x.to(dtype)
-    bits = x.view(torch.int16 if dtype != torch.float32 else torch.int32).view(-1)
+    bits = x.view(_BITS_AS_INT[dtype]).view(-1)
     bits[9] = bits[9] | 3  # another payload
     bits[15] |= torch.iinfo(bits.dtype).min  # the sign bit: a negative NaN
     bits[20] = _select.NAN_KEYS[dtype]  # the smallest NaN pattern: the NaN key itself
     kept = torch.zeros(21, dtype=torch.bool)
     kept[[2, 9, 15, 20]] = True
-    kept = kept.reshape(1, 1, 3, 7) ^ invert
-    y, mask = _select.select(x, 4, kind="spatial", ties=ties, invert=invert, simd=simd)
-    assert torch.equal(mask, kept)
-    assert_same(y, x.masked_fill(~kept, 0))
+    assert_kernel_outputs(x, 4, kept.reshape(1, 1, 3, 7), kind="spatial", ties=ties, simd=simd)
 
 
 @needs_kernel
@@ -434,7 +427,7 @@ def test_masked_grad_op_equals_where_in_every_layout(dtype, layout):
     expected = torch.where(mask, g, torch.zeros((), dtype=dtype))
     assert_same(out, expected)
     assert out.stride() == torch.empty_like(g).stride()
-    assert not (out.view(torch.int16 if dtype != torch.float32 else torch.int32)[~mask] != 0).any()  # +0, not -0
+    assert not (out.view(_BITS_AS_INT[dtype])[~mask] != 0).any()  # +0, not -0
 
 
 @needs_kernel

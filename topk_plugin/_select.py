@@ -316,16 +316,20 @@ AVX2 static inline i64 append_selected(__m256i v, int bits, uint32_t *out, i64 m
     return m + __builtin_popcount(bits);
 }
 
-/* One vector of a write pass: lane j keeps v (y = v, mask byte 1) where key(v) >= low's lane j, else +0 and
-   0; flip all ones inverts the choice. y or mask may be NULL (not wanted). */
-AVX2 static inline void write_kept(__m256i v, __m256i low, __m256i nan, __m256i flip, uint32_t *y, uint8_t *mask) {
-    const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, _mm256_set1_epi32(0x7fffffff)), nan);
-    const __m256i keep = _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, low), k), flip);
+/* The outputs of one vector: y = v in the lanes keep sets, +0 elsewhere; mask bytes 1 and 0. y or mask may be
+   NULL (not wanted). */
+AVX2 static inline __attribute__((always_inline)) void store_kept(__m256i v, __m256i keep, uint32_t *y, uint8_t *mask) {
     if (y) _mm256_storeu_si256((__m256i *)y, _mm256_and_si256(v, keep));
     if (mask) {
         const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
         memcpy(mask, &bytes, 8);
     }
+}
+
+/* One vector of a write pass: lane j keeps v where key(v) >= low's lane j; flip all ones inverts the choice. */
+AVX2 static inline void write_kept(__m256i v, __m256i low, __m256i nan, __m256i flip, uint32_t *y, uint8_t *mask) {
+    const __m256i k = _mm256_min_epu32(_mm256_and_si256(v, _mm256_set1_epi32(0x7fffffff)), nan);
+    store_kept(v, _mm256_xor_si256(_mm256_cmpeq_epi32(_mm256_max_epu32(k, low), k), flip), y, mask);
 }
 
 AVX2 static i64 nonzero_keys_avx2(const void *x, i64 len, i64 s_pos, int wide, uint32_t nan_key, uint32_t *out,
@@ -366,11 +370,7 @@ AVX2 static inline __attribute__((always_inline)) void keep_above32(const uint32
         const i64 q = p + 8 <= len ? p : len - 8;
         const __m256i v = _mm256_loadu_si256((const __m256i *)(x + q));
         const __m256i keep = _mm256_xor_si256(_mm256_cmpgt_epi32(_mm256_and_si256(v, magnitude), belowv), flip);
-        if (want_y) _mm256_storeu_si256((__m256i *)(y + q), _mm256_and_si256(v, keep));
-        if (want_mask) {
-            const uint64_t bytes = BYTES_OF[_mm256_movemask_ps(_mm256_castsi256_ps(keep))];
-            memcpy(mask + q, &bytes, 8);
-        }
+        store_kept(v, keep, want_y ? y + q : NULL, want_mask ? mask + q : NULL);
     }
 }
 
