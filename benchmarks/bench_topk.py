@@ -29,7 +29,7 @@ import torch
 import torchvision
 from tqdm import tqdm
 
-from topk_plugin import Table, _select, get_preset, sparsify, topk, topk_layers
+from topk_plugin import Table, _select, _triton, get_preset, sparsify, topk, topk_layers
 from topk_plugin.recipes._common import (positive_int, prepare_out, pyplot, resolve_device, save_figure,
                                          seed_everything, write_csv, write_json)
 
@@ -227,6 +227,12 @@ def layer_inputs(model: torch.nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
     return seen
 
 
+def kernel_name(device: torch.device) -> str:
+    """Which kernel the op runs for float32 maps on ``device``: the C kernel, the Triton kernel or the torch path."""
+    probe = torch.empty(1, 1, 2, 2, device=device)
+    return "C" if _select.supports(probe) else "triton" if _triton.supports(probe, "spatial", 0) else "torch path"
+
+
 def _ratios(ms: dict) -> dict:
     return {"baseline_ms": ms["baseline"], "ours_ms": ms["ours"], "clone_ms": ms["clone"],
             "baseline/ours": ms["baseline"] / ms["ours"], "ours/clone": ms["ours"] / ms["clone"],
@@ -297,7 +303,8 @@ def main(argv=None) -> list[dict]:
         rows += model_rows(models, batch, device, repeats)
 
     machine = {"device": str(device), "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-               "torch": torch.__version__, "c_kernel": _select.available() and device.type == "cpu",
+               "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+               "torch": torch.__version__, "kernel": kernel_name(device),
                "repeats": repeats, "batch": batch, "smoke": args.smoke, "steady_allocator": steady,
                "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None}
     print(f"\n{machine}")

@@ -19,3 +19,13 @@ def _deterministic():
     torch.manual_seed(0)
     # OMP_NUM_THREADS, when set, wins: parallel test runs on a small machine each take one thread.
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or max(1, min(2, os.cpu_count() or 1))))
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session", params=["cpu", pytest.param("cuda", marks=needs_cuda)])
+def device(request) -> torch.device:
+    """Each device the op runs on: CPU (the C kernel, or the torch path for other dtypes) and a CUDA GPU (the
+    torch path) where there is one."""
+    return torch.device(request.param)

@@ -9,6 +9,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from topk_plugin import TopK, keep_count, topk, topk_mask
 from topk_plugin.ops import MODES
 
+from conftest import needs_cuda
+
 
 def reference_mask(x: torch.Tensor, count: int, ties: str) -> torch.Tensor:
     """Spatial Top-K mask of (N, C, H, W), one channel at a time, by a stable descending sort."""
@@ -40,16 +42,16 @@ def feature_maps(draw, values=tie_heavy):
 
 @settings(max_examples=150, deadline=None)
 @given(x=feature_maps(), k=ks, ties=st.sampled_from(["first", "all"]))
-def test_mask_matches_reference(x, k, ties):
+def test_mask_matches_reference(x, k, ties, device):
     count = keep_count(k, x.shape[2] * x.shape[3])
-    assert torch.equal(topk_mask(x, k, ties=ties), reference_mask(x, count, ties))
+    assert torch.equal(topk_mask(x.to(device), k, ties=ties).cpu(), reference_mask(x, count, ties))
 
 
 @settings(max_examples=100, deadline=None)
 @given(x=feature_maps(st.floats(-1e3, 1e3, allow_nan=False, width=32)), k=ks)
-def test_exactly_k_kept_per_channel_and_kept_dominate_dropped(x, k):
+def test_exactly_k_kept_per_channel_and_kept_dominate_dropped(x, k, device):
     count = keep_count(k, x.shape[2] * x.shape[3])
-    mask = topk_mask(x, k).flatten(2)
+    mask = topk_mask(x.to(device), k).cpu().flatten(2)
     assert (mask.sum(-1) == count).all()
     magnitude = x.abs().flatten(2)
     smallest_kept = magnitude.masked_fill(~mask, float("inf")).amin(-1)
@@ -59,8 +61,8 @@ def test_exactly_k_kept_per_channel_and_kept_dominate_dropped(x, k):
 
 @settings(max_examples=100, deadline=None)
 @given(x=feature_maps(), k=ks)
-def test_all_ties_keeps_every_entry_equal_to_the_kth(x, k):
-    first, every = topk_mask(x, k, ties="first"), topk_mask(x, k, ties="all")
+def test_all_ties_keeps_every_entry_equal_to_the_kth(x, k, device):
+    first, every = (topk_mask(x.to(device), k, ties=ties).cpu() for ties in ("first", "all"))
     assert (every | ~first).all(), "ties='all' keeps a superset of ties='first'"
     count = keep_count(k, x.shape[2] * x.shape[3])
     kth = x.abs().flatten(2).sort(-1, descending=True).values[..., count - 1]
@@ -68,8 +70,9 @@ def test_all_ties_keeps_every_entry_equal_to_the_kth(x, k):
 
 
 @settings(max_examples=60, deadline=None)
-@given(x=feature_maps(), k=ks, mode=st.sampled_from(["topk", "non_topk"]))
-def test_topk_and_non_topk_partition_the_input(x, k, mode):
+@given(x=feature_maps(), k=ks)
+def test_topk_and_non_topk_partition_the_input(x, k, device):
+    x = x.to(device)
     kept = topk(x, k, mode="topk")
     rest = topk(x, k, mode="non_topk")
     assert torch.equal(kept + rest, x)
@@ -79,7 +82,8 @@ def test_topk_and_non_topk_partition_the_input(x, k, mode):
 
 @settings(max_examples=60, deadline=None)
 @given(x=feature_maps(st.floats(-10, 10, allow_nan=False, width=32)), k=ks, ties=st.sampled_from(["first", "all"]))
-def test_mean_replace_puts_the_channel_mean_of_kept_values_on_kept_positions(x, k, ties):
+def test_mean_replace_puts_the_channel_mean_of_kept_values_on_kept_positions(x, k, ties, device):
+    x = x.to(device)
     mask = topk_mask(x, k, ties=ties)
     out = topk(x, k, mode="mean_replace", ties=ties)
     flat_x, flat_m, flat_o = x.flatten(2), mask.flatten(2), out.flatten(2)
@@ -96,18 +100,18 @@ def test_k_one_and_large_counts_are_identity():
     assert not topk_mask(x, 1.0, ties="first").logical_not().any()
 
 
-def test_all_zero_channel_keeps_k_entries_and_outputs_zero():
+def test_all_zero_channel_keeps_k_entries_and_outputs_zero(device):
     x = torch.zeros(1, 2, 4, 4)
     x[0, 1] = torch.arange(16.0).reshape(4, 4)
-    mask = topk_mask(x, 3)
+    mask = topk_mask(x.to(device), 3).cpu()
     assert mask[0, 0].sum() == 3 and mask[0, 0].flatten()[:3].all(), "earliest positions win ties"
     assert torch.equal(mask[0, 1].flatten().nonzero().flatten(), torch.tensor([13, 14, 15]))
-    assert torch.equal(topk(x, 3)[0, 0], torch.zeros(4, 4))
+    assert torch.equal(topk(x.to(device), 3)[0, 0].cpu(), torch.zeros(4, 4))
 
 
-def test_tie_rules_on_a_max_pooled_map():
+def test_tie_rules_on_a_max_pooled_map(device):
     # Overlapping max-pools repeat values: the case where the authors' code and Eq. 1 disagree.
-    x = torch.nn.functional.max_pool2d(torch.rand(1, 8, 13, 13), 3, stride=1, padding=1)
+    x = torch.nn.functional.max_pool2d(torch.rand(1, 8, 13, 13, device=device), 3, stride=1, padding=1)
     first, every = topk_mask(x, 0.1, ties="first"), topk_mask(x, 0.1, ties="all")
     count = keep_count(0.1, 13 * 13)
     assert (first.flatten(2).sum(-1) == count).all()
@@ -140,8 +144,8 @@ def test_spatial_on_a_3d_tensor_names_the_position():
         layer(torch.randn(2, 5, 7))
 
 
-def test_gradient_is_the_mask_for_kept_entries_and_zero_elsewhere():
-    x = torch.randn(2, 3, 6, 6, requires_grad=True)
+def test_gradient_is_the_mask_for_kept_entries_and_zero_elsewhere(device):
+    x = torch.randn(2, 3, 6, 6, device=device, requires_grad=True)
     grad_out = torch.randn_like(x)
     topk(x, 0.2).backward(grad_out)
     mask = topk_mask(x, 0.2)
@@ -174,15 +178,15 @@ def test_backward_saves_only_a_boolean_mask(mode):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_gives_the_float32_mask(dtype):
-    x = torch.randint(-20, 20, (2, 3, 9, 9)).to(dtype)  # integers: exact in every dtype
+def test_low_precision_gives_the_float32_mask(dtype, device):
+    x = torch.randint(-20, 20, (2, 3, 9, 9)).to(device, dtype)  # integers: exact in every dtype
     assert torch.equal(topk_mask(x, 0.1), topk_mask(x.float(), 0.1))
     out = topk(x, 0.1)
     assert out.dtype == dtype and torch.equal(out.float(), topk(x.float(), 0.1))
 
 
-def test_channels_last_input_gives_the_contiguous_result():
-    x = torch.randn(2, 8, 7, 7)
+def test_channels_last_input_gives_the_contiguous_result(device):
+    x = torch.randn(2, 8, 7, 7, device=device)
     nhwc = x.to(memory_format=torch.channels_last)
     for mode in ("topk", "non_topk"):
         assert torch.equal(topk(nhwc, 0.1, mode=mode), topk(x, 0.1, mode=mode))
@@ -199,17 +203,17 @@ def test_no_grad_and_identity_mode():
 
 @settings(max_examples=40, deadline=None)
 @given(x=feature_maps(), k=ks, prefix=st.integers(0, 2), ties=st.sampled_from(["first", "all"]))
-def test_token_kind_ranks_tokens_per_channel_and_keeps_prefix(x, k, prefix, ties):
+def test_token_kind_ranks_tokens_per_channel_and_keeps_prefix(x, k, prefix, ties, device):
     n, c, h, w = x.shape
     tokens = x.reshape(n, c, h * w).transpose(1, 2)  # (N, T, D) with D = channels
     body = tokens[:, prefix:]
     assume(body.shape[1] > 0)
     spatial = body.transpose(1, 2).unsqueeze(-1)  # (N, D, T', 1): same ranking as spatial Top-K
     expected = reference_mask(spatial, keep_count(k, body.shape[1]), ties).squeeze(-1).transpose(1, 2)
-    mask = topk_mask(tokens, k, kind="token", ties=ties, num_prefix_tokens=prefix)
+    mask = topk_mask(tokens.to(device), k, kind="token", ties=ties, num_prefix_tokens=prefix).cpu()
     assert mask[:, :prefix].all()
     assert torch.equal(mask[:, prefix:], expected)
-    out = topk(tokens, k, kind="token", ties=ties, num_prefix_tokens=prefix)
+    out = topk(tokens.to(device), k, kind="token", ties=ties, num_prefix_tokens=prefix).cpu()
     assert torch.equal(out[:, :prefix], tokens[:, :prefix])
     assert torch.equal(out[:, prefix:], torch.where(expected, body, torch.zeros_like(body)))
 
@@ -220,7 +224,7 @@ def test_token_kind_on_channel_last_4d_maps_matches_spatial_on_nchw():
     assert torch.equal(topk(nhwc, 0.2, kind="token"), topk(x, 0.2).permute(0, 2, 3, 1))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@needs_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_cuda_matches_cpu(dtype):
     x = torch.randint(-9, 9, (4, 16, 13, 13)).to(dtype)  # integer values: many ties, exact in every dtype
@@ -228,6 +232,35 @@ def test_cuda_matches_cpu(dtype):
         for ties in ("first", "all"):
             expected = topk(x.float(), 0.1, mode=mode, ties=ties).to(dtype)
             torch.testing.assert_close(topk(x.cuda(), 0.1, mode=mode, ties=ties).cpu(), expected)
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["triton", "torch_path"])
+@pytest.mark.parametrize("ties", ["first", "all"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cuda_graph_captures_the_op_and_replays_it_on_new_data(mode, ties, dtype):
+    """No host sync inside the op, so it can be captured in a CUDA graph (torch.compile's "reduce-overhead"):
+    a sync while capturing is an error, and a replay must compute on the data it finds in the inputs."""
+    maps = torch.randint(-3, 4, (2, 8, 13, 13), device="cuda").to(dtype)  # ties at the K-th value
+    tokens = torch.randn(2, 17, 8, device="cuda", dtype=dtype)
+
+    def run():
+        return (topk(maps, 0.1, mode=mode, ties=ties),
+                topk(tokens, 0.2, mode=mode, ties=ties, kind="token", num_prefix_tokens=1))
+
+    side = torch.cuda.Stream()  # warm up off the default stream, as torch.cuda.graph's docs ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        run()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = run()
+    maps.copy_(torch.randint(-3, 4, maps.shape, device="cuda"))  # copy_ casts to the dtype
+    tokens.copy_(torch.randn_like(tokens))
+    graph.replay()
+    for replayed, eager in zip(captured, run()):
+        assert torch.equal(replayed, eager)
 
 
 # ----------------------------------------------------------------------------- special values and integers
@@ -251,12 +284,13 @@ specials = st.sampled_from([float("nan"), float("inf"), float("-inf"), -0.0, 0.0
 @settings(max_examples=80, deadline=None)
 @given(x=feature_maps(specials), k=ks, ties=st.sampled_from(["first", "all"]),
        dtype=st.sampled_from([torch.float64, torch.float32, torch.float16, torch.bfloat16]))
-def test_nan_inf_and_signed_zeros_rank_like_torch_topk(x, k, ties, dtype):
+def test_nan_inf_and_signed_zeros_rank_like_torch_topk(x, k, ties, dtype, device):
     x = x.to(dtype)
     count = keep_count(k, x.shape[2] * x.shape[3])
     expected = python_reference_mask(x, count, ties)
-    assert torch.equal(topk_mask(x, k, ties=ties), expected)
-    torch.testing.assert_close(topk(x, k, ties=ties), x.masked_fill(~expected, 0), rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(topk_mask(x.to(device), k, ties=ties).cpu(), expected)
+    torch.testing.assert_close(topk(x.to(device), k, ties=ties).cpu(), x.masked_fill(~expected, 0),
+                               rtol=0, atol=0, equal_nan=True)
 
 
 @st.composite
@@ -272,20 +306,20 @@ def integer_maps(draw):
 
 @settings(max_examples=80, deadline=None)
 @given(x=integer_maps(), k=ks, ties=st.sampled_from(["first", "all"]))
-def test_integer_magnitudes_are_exact_at_the_extremes(x, k, ties):
+def test_integer_magnitudes_are_exact_at_the_extremes(x, k, ties, device):
     expected = python_reference_mask(x, keep_count(k, x.shape[2] * x.shape[3]), ties)
-    assert torch.equal(topk_mask(x, k, ties=ties), expected)
-    assert torch.equal(topk(x, k, ties=ties), x.masked_fill(~expected, 0))
-    assert torch.equal(topk(x, k, mode="non_topk", ties=ties), x.masked_fill(expected, 0))
+    assert torch.equal(topk_mask(x.to(device), k, ties=ties).cpu(), expected)
+    assert torch.equal(topk(x.to(device), k, ties=ties).cpu(), x.masked_fill(~expected, 0))
+    assert torch.equal(topk(x.to(device), k, mode="non_topk", ties=ties).cpu(), x.masked_fill(expected, 0))
 
 
-def test_int8_minimum_is_the_largest_magnitude():
-    x = torch.tensor([5, 127, -128, -3], dtype=torch.int8).reshape(1, 1, 1, 4)
+def test_int8_minimum_is_the_largest_magnitude(device):
+    x = torch.tensor([5, 127, -128, -3], dtype=torch.int8, device=device).reshape(1, 1, 1, 4)
     assert topk_mask(x, 1).flatten().tolist() == [False, False, True, False]
 
 
-def test_one_nan_keeps_the_channel_on_the_torch_path():
-    x = torch.randn(1, 1, 14, 14, dtype=torch.float64)  # float64: the torch path on every device
+def test_one_nan_keeps_the_channel_on_the_torch_path(device):
+    x = torch.randn(1, 1, 14, 14, dtype=torch.float64, device=device)  # float64: the torch path on every device
     x[0, 0, 3, 4] = float("nan")
     mask = topk_mask(x, 0.1)
     assert mask.sum() == keep_count(0.1, 196) == 19 and mask[0, 0, 3, 4]

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topk_plugin import _select, keep_count, topk, topk_mask
+from topk_plugin import _select, _triton, keep_count, topk, topk_mask
 from topk_plugin._library import _BITS_AS_INT
 from topk_plugin.ops import MODES, topk_and_mask
 
@@ -141,6 +141,54 @@ def test_mask_and_values_equal_reference(data, kind, k, ties, simd):
         assert torch.equal(mask_only[1], expected)
 
 
+needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and _triton._kernel() is not None),
+                                  reason="needs a CUDA GPU and Triton")
+
+
+@needs_triton
+@settings(max_examples=60, deadline=None)
+@given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]))
+def test_triton_kernel_equals_reference(data, kind, k, ties):
+    """The CUDA kernel: values and mask, inverted or not, each output alone, in every layout."""
+    x = data.draw(tensors(kind, (tie_heavy, spread, specials)))
+    prefix = data.draw(st.integers(0, 1)) if kind == "token" and x.dim() == 3 else 0
+    positions = x.shape[2] * x.shape[3] if kind == "spatial" else x[0, ..., 0].numel() - prefix
+    count = keep_count(k, positions)
+    expected = reference_mask(x, count, kind, ties, prefix)
+    keep_rest = ~expected if not prefix else torch.cat([expected[:, :prefix], ~expected[:, prefix:]], 1)
+    for view in layouts(x.cuda()):
+        assert _triton.supports(view, kind, prefix)
+        options = dict(kind=kind, ties=ties, num_prefix_tokens=prefix)
+        for invert, kept in ((False, expected), (True, keep_rest)):
+            y, mask = _triton.select(view, count, invert=invert, **options)
+            assert torch.equal(mask.cpu(), kept) and y.stride() == mask.stride()
+            assert_same(y.cpu(), x.masked_fill(~kept, 0))
+            assert_same(_triton.select(view, count, invert=invert, mask=False, **options)[0], y)
+            assert torch.equal(_triton.select(view, count, invert=invert, values=False, **options)[1], mask)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape, kind, prefix", [
+    ((8, 64, 55, 55), "spatial", 0), ((4, 256, 13, 13), "spatial", 0), ((2, 16, 112, 112), "spatial", 0),
+    ((2, 4, 128, 129), "spatial", 0), ((4, 197, 768), "token", 1), ((2, 14, 14, 384), "token", 0)])
+def test_triton_kernel_equals_the_torch_path_on_model_sized_maps(shape, kind, prefix, dtype, monkeypatch):
+    """Many programs, rows of up to 16384 positions (and one longer, which takes the torch path), ties and
+    special values: the CUDA kernel and the torch path give the same outputs through the public op."""
+    for seed, (levels, zeros, special) in enumerate([(0, 0.5, 0.0), (3, 0.3, 0.01), (0, 0.0, 0.05)]):
+        x = hard_values(shape, seed, levels, zeros, special, dtype).cuda()
+        views = [x, x.to(memory_format=torch.channels_last)] if kind == "spatial" else [x]
+        for view in views:
+            for ties in ("first", "all"):
+                options = dict(kind=kind, ties=ties, num_prefix_tokens=prefix)
+                with monkeypatch.context() as patch:
+                    patch.setattr(_triton, "supports", lambda *args: False)
+                    slow, slow_mask = topk_and_mask(view, 0.1, **options)
+                fast, fast_mask = topk_and_mask(view, 0.1, **options)
+                assert torch.equal(fast_mask, slow_mask) and fast.stride() == slow.stride()
+                assert_same(fast, slow)
+
+
 @needs_kernel
 @settings(max_examples=120, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]),
@@ -154,7 +202,7 @@ def test_kernel_and_torch_path_agree(data, kind, k, ties, mode, grad, monkeypatc
         fast, fast_mask = topk_and_mask(x, k, **options)
         fast_values = topk(x, k, **options)
         with monkeypatch_module.context() as patch:
-            patch.setattr(_select, "supports", lambda t: False)
+            patch.setattr(_select, "supports", lambda *args: False)
             slow, slow_mask = topk_and_mask(x, k, **options)
             slow_values = topk(x, k, **options)
     assert torch.equal(fast_mask, slow_mask)
@@ -247,7 +295,7 @@ def test_short_rows_and_few_candidates_match_reference(hw, channels, levels, spe
     for mode in MODES:  # the op on the kernel against the op on the torch path
         fast = topk_and_mask(x, count, mode=mode, ties=ties)
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(_select, "supports", lambda t: False)
+            patch.setattr(_select, "supports", lambda *args: False)
             slow = topk_and_mask(x, count, mode=mode, ties=ties)
         assert torch.equal(fast[1], slow[1])
         assert_same(fast[0], slow[0])
@@ -298,7 +346,7 @@ def test_every_nan_bit_pattern_ties(monkeypatch):
     x.view(torch.int32)[0, 0, 0, 2:] = torch.tensor([-0x00600000, 0x7FC00000], dtype=torch.int32)  # -nan(smaller payload), nan
     expected = torch.tensor([False, False, True, False]).reshape(1, 1, 1, 4)
     assert torch.equal(topk_mask(x, 1), expected)
-    monkeypatch.setattr(_select, "supports", lambda t: False)
+    monkeypatch.setattr(_select, "supports", lambda *args: False)
     assert torch.equal(topk_mask(x, 1), expected)
 
 

@@ -381,13 +381,19 @@ def test_fx_model_exposes_plain_attributes_but_not_original_methods():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_sparsified_model_runs_in_low_precision_and_channels_last(dtype):
-    model = torchvision.models.resnet18().eval().to(dtype).to(memory_format=torch.channels_last)
-    x = torch.randn(1, 3, 64, 64).to(dtype).to(memory_format=torch.channels_last)
-    fx_model, hook_model = sparsify(model, "paper"), sparsify(model, "paper", method="hooks")
+def test_sparsified_model_moves_to_a_device_dtype_and_channels_last(dtype, device):
+    """Sparsified on CPU in float32, then moved: both methods follow ``.to`` and agree (and their reports)."""
+    model = torchvision.models.resnet18().eval()
+    fx_model, hook_model = (sparsify(model, "paper", method=m).to(device, dtype).to(memory_format=torch.channels_last)
+                            for m in ("fx", "hooks"))
+    x = torch.randn(1, 3, 64, 64, device=device).to(dtype).to(memory_format=torch.channels_last)
     with torch.no_grad():
         out = fx_model(x)
-        assert out.dtype == dtype and torch.equal(out, hook_model(x))
+        assert (out.dtype, out.device.type) == (dtype, device.type) and torch.equal(out, hook_model(x))
+    reports = [sparsity_report(m, x) for m in (fx_model, hook_model)]
+    assert reports[0] == reports[1]
+    shapes = [r["shape"] for r in reports[0]]
+    assert reports[0] and all(r["kept"] == r["count"] / (s[2] * s[3]) for r, s in zip(reports[0], shapes))
 
 
 def test_register_preset_extends_lookup_by_architecture():

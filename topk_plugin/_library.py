@@ -9,8 +9,10 @@ prefix tokens of ``x`` as ``ops.py`` resolved them; ``invert`` keeps the complem
                                                       autograd saves only the boolean mask
     topk_plugin::masked_grad(grad, mask)           -> grad where mask, else 0: the backward (differentiable)
 
-CPU float32/float16/bfloat16 run the C kernel (``_select.py``); every other device and dtype runs the torch
-path below, which ranks the same integer keys. Fake implementations give shapes only (no data access), so
+CPU float32/float16/bfloat16 run the C kernel (``_select.py``), CUDA float32/float16/bfloat16 the Triton kernel
+(``_triton.py``); every other device and dtype runs the torch path below, which ranks the same integer keys.
+None of them synchronises with the host on a GPU, so CUDA graphs (``torch.compile(mode="reduce-overhead")``)
+capture the ops. Fake implementations give shapes only (no data access), so
 ``torch.compile``, ``torch.export`` and ``FakeTensorMode`` trace the ops; ``_onnx.py`` translates them to ONNX.
 Outputs always have the layout of ``torch.empty_like(x)``, as the fake implementations promise.
 """
@@ -20,7 +22,7 @@ import math
 
 import torch
 
-from . import _onnx, _select
+from . import _onnx, _select, _triton
 
 KINDS = ("spatial", "token")
 TIES = ("first", "all")
@@ -121,16 +123,22 @@ def _select_rows(key: torch.Tensor, count: int, ties: str) -> torch.Tensor:
         return torch.ones_like(key, dtype=torch.bool)
     # Unsorted topk is faster than kthvalue on CPU and a radix select on CUDA; its smallest value is the K-th.
     threshold = key.topk(count, dim=-1, sorted=False).values.amin(-1, keepdim=True)
-    kept = key >= threshold
     if ties == "all":
-        return kept
+        return key >= threshold
+    if key.device.type != "cpu":  # no host sync, so that a CUDA graph can capture it: every row takes the count
+        return _earliest_ties(key, threshold, count)
+    kept = key >= threshold
     surplus = (kept.sum(-1) > count).nonzero().squeeze(1)
-    if surplus.numel():  # only rows with ties at the threshold need the (int64) running count
-        rows, row_threshold = key[surplus], threshold[surplus]
-        above, at = rows > row_threshold, rows == row_threshold
-        room = count - above.sum(-1, keepdim=True)
-        kept[surplus] = above | (at & (at.cumsum(-1) <= room))
+    if surplus.numel():  # on CPU only rows with ties at the threshold pay for the (int64) running count
+        kept[surplus] = _earliest_ties(key[surplus], threshold[surplus], count)
     return kept
+
+
+def _earliest_ties(key: torch.Tensor, threshold: torch.Tensor, count: int) -> torch.Tensor:
+    """The keys above each row's threshold, and of those equal to it the earliest that bring the row to ``count``."""
+    above, at = key > threshold, key == threshold
+    room = count - above.sum(-1, keepdim=True)
+    return above | (at & (at.cumsum(-1) <= room))
 
 
 def _torch_select(x, count, kind, ties, num_prefix_tokens, invert, values: bool):
@@ -155,12 +163,13 @@ def _like(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _run(x, count, kind, ties, num_prefix_tokens, invert, values: bool, mask: bool):
-    """The kernel for ``x``: the C kernel where it applies, else the torch path."""
+    """The kernel for ``x``: the C kernel (CPU) or the Triton kernel (CUDA) where one applies, else the torch path."""
     _check_args(x, count, kind, ties, num_prefix_tokens)
-    if _select.supports(x):
-        y, kept = _select.select(x, count, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens,
-                                 invert=invert, values=values, mask=mask)
-        return (_like(x, y) if y is not None else None), (_like(x, kept) if kept is not None else None)
+    for kernel in (_select, _triton):
+        if kernel.supports(x, kind, num_prefix_tokens):
+            y, kept = kernel.select(x, count, kind=kind, ties=ties, num_prefix_tokens=num_prefix_tokens,
+                                    invert=invert, values=values, mask=mask)
+            return (_like(x, y) if y is not None else None), (_like(x, kept) if kept is not None else None)
     return _torch_select(x, count, kind, ties, num_prefix_tokens, invert, values)
 
 

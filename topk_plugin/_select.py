@@ -770,8 +770,13 @@ def _compile(flags: list[str]) -> ctypes.CDLL:
     return lib
 
 
+def extensions_disabled() -> bool:
+    """``TOPK_PLUGIN_NO_EXT=1``: neither the C kernel nor the Triton kernel is used, only the torch path."""
+    return os.environ.get("TOPK_PLUGIN_NO_EXT", "") not in ("", "0")
+
+
 def _build():
-    if os.environ.get("TOPK_PLUGIN_NO_EXT", "") not in ("", "0"):
+    if extensions_disabled():
         return None
     errors = []
     # OpenMP first; the same libgomp as torch's is picked up by soname. Serial if -fopenmp is missing.
@@ -797,8 +802,8 @@ def available() -> bool:
     return _library() is not None
 
 
-def supports(x: torch.Tensor) -> bool:
-    """Whether ``select`` handles ``x`` (CPU, float32/float16/bfloat16, kernel available)."""
+def supports(x: torch.Tensor, kind: str = "spatial", num_prefix_tokens: int = 0) -> bool:
+    """Whether ``select`` handles ``x`` (CPU, float32/float16/bfloat16, kernel available; any rows)."""
     return x.device.type == "cpu" and x.dtype in DTYPES and available()
 
 
@@ -828,6 +833,22 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
     them) and the boolean mask of the entries ``y`` keeps; ``None`` for an output not asked for. Prefix tokens
     are kept. ``x`` must pass ``supports``; the caller validates the arguments (``count`` >= 1, the prefix).
     ``simd=False`` runs the portable loops even on a CPU with AVX2 (the tests compare both)."""
+    x, y, kept, (offset, *rows) = channel_rows(x, kind, num_prefix_tokens, values, mask)
+    if x.numel():
+        esize, threads = x.element_size(), torch.get_num_threads()
+        scratch = torch.empty(threads * _library().topk_scratch_keys(rows[2]), dtype=torch.int32)
+        _library().topk_select(
+            x.data_ptr() + offset * esize, y.data_ptr() + offset * esize if y is not None else None,
+            kept.data_ptr() + offset if kept is not None else None, scratch.data_ptr(), int(esize == 4),
+            NAN_KEYS[x.dtype], EXPONENT_BITS[x.dtype] + 1, *rows, count, int(ties == "all"), int(invert), threads, int(simd))
+    return y, kept
+
+
+def channel_rows(x: torch.Tensor, kind: str, num_prefix_tokens: int, values: bool, mask: bool):
+    """``(x, y, kept, geometry)`` for a row kernel: ``x`` detached (made contiguous where its channel rows or its
+    outputs' do not share one geometry), the empty outputs asked for (``None`` otherwise) with the prefix tokens
+    already written (kept, copied), and ``(offset, outer, inner, length, s_outer, s_inner, s_pos)``: row
+    ``(o, i)``, position ``p`` of ``x`` and of both outputs lies at ``offset + o*s_outer + i*s_inner + p*s_pos``."""
     x = x.detach()
     wanted = [values, mask]
     outputs = _outputs(x, wanted)
@@ -838,20 +859,12 @@ def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_toke
         outputs = _outputs(x, wanted)
         geometry = _geometry(x, kind, num_prefix_tokens)
     y, kept = outputs
-    offset, *rows = geometry
     if num_prefix_tokens:
         if kept is not None:
             kept[:, :num_prefix_tokens] = True
         if y is not None:
             y[:, :num_prefix_tokens] = x[:, :num_prefix_tokens]
-    if x.numel():
-        esize, threads = x.element_size(), torch.get_num_threads()
-        scratch = torch.empty(threads * _library().topk_scratch_keys(rows[2]), dtype=torch.int32)
-        _library().topk_select(
-            x.data_ptr() + offset * esize, y.data_ptr() + offset * esize if y is not None else None,
-            kept.data_ptr() + offset if kept is not None else None, scratch.data_ptr(), int(esize == 4),
-            NAN_KEYS[x.dtype], EXPONENT_BITS[x.dtype] + 1, *rows, count, int(ties == "all"), int(invert), threads, int(simd))
-    return y, kept
+    return x, y, kept, geometry
 
 
 def masked_grad(grad: torch.Tensor, mask: torch.Tensor, *, simd: bool = True):
