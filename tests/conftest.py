@@ -26,6 +26,6 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="session", params=["cpu", pytest.param("cuda", marks=needs_cuda)])
 def device(request) -> torch.device:
-    """Each device the op runs on: CPU (the C kernel, or the torch path for other dtypes) and a CUDA GPU (the
-    torch path) where there is one."""
+    """Each device the op runs on: CPU (the C kernel, or the torch path for other dtypes) and a CUDA GPU where
+    there is one (the Triton kernel, or the torch path for other dtypes, long rows or without Triton)."""
     return torch.device(request.param)

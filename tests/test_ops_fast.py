@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topk_plugin import _select, _triton, keep_count, topk, topk_mask
-from topk_plugin._library import _BITS_AS_INT
+from topk_plugin._library import _BITS_AS_INT, ranked_positions
 from topk_plugin.ops import MODES, topk_and_mask
 
 needs_kernel = pytest.mark.skipif(not _select.available(), reason="no C compiler: the C kernel is not built")
@@ -113,16 +113,23 @@ def assert_kernel_outputs(x: torch.Tensor, count: int, expected: torch.Tensor, *
         assert torch.equal(_select.select(x, count, invert=invert, values=False, **options)[1], kept)
 
 
+def draw_case(data, kind: str, k, ties: str):
+    """``(x, prefix, count, expected, keep_rest)``: a drawn input with NaN, ±inf, -0.0 and ties, its prefix tokens
+    (0 or 1 for an (N, T, D) sequence), the count kept, the reference mask and the mask of the inverted op."""
+    x = data.draw(tensors(kind, (tie_heavy, spread, specials)))
+    prefix = data.draw(st.integers(0, 1)) if kind == "token" and x.dim() == 3 else 0
+    count = keep_count(k, ranked_positions(x, kind, prefix))
+    expected = reference_mask(x, count, kind, ties, prefix)
+    keep_rest = ~expected if not prefix else torch.cat([expected[:, :prefix], ~expected[:, prefix:]], 1)
+    return x, prefix, count, expected, keep_rest
+
+
 @needs_kernel
 @settings(max_examples=150, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]),
        simd=st.booleans())
 def test_mask_and_values_equal_reference(data, kind, k, ties, simd):
-    x = data.draw(tensors(kind, (tie_heavy, spread, specials)))
-    prefix = data.draw(st.integers(0, 1)) if kind == "token" and x.dim() == 3 else 0
-    positions = x.shape[2] * x.shape[3] if kind == "spatial" else x[0, ..., 0].numel() - prefix
-    count = keep_count(k, positions)
-    expected = reference_mask(x, count, kind, ties, prefix)
+    x, prefix, count, expected, keep_rest = draw_case(data, kind, k, ties)
     for view in layouts(x):
         assert _select.supports(view)
         options = dict(kind=kind, ties=ties, num_prefix_tokens=prefix, simd=simd)
@@ -130,7 +137,6 @@ def test_mask_and_values_equal_reference(data, kind, k, ties, simd):
         assert torch.equal(mask, expected)
         assert_same(y, x.masked_fill(~expected, 0))
         assert y.dtype == x.dtype and y.stride() == mask.stride()
-        keep_rest = ~expected if not prefix else torch.cat([expected[:, :prefix], ~expected[:, prefix:]], 1)
         dropped, rest = _select.select(view, count, invert=True, **options)
         assert_same(dropped, x.masked_fill(~keep_rest, 0))
         assert torch.equal(rest, keep_rest)
@@ -150,12 +156,7 @@ needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and _triton._ke
 @given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]))
 def test_triton_kernel_equals_reference(data, kind, k, ties):
     """The CUDA kernel: values and mask, inverted or not, each output alone, in every layout."""
-    x = data.draw(tensors(kind, (tie_heavy, spread, specials)))
-    prefix = data.draw(st.integers(0, 1)) if kind == "token" and x.dim() == 3 else 0
-    positions = x.shape[2] * x.shape[3] if kind == "spatial" else x[0, ..., 0].numel() - prefix
-    count = keep_count(k, positions)
-    expected = reference_mask(x, count, kind, ties, prefix)
-    keep_rest = ~expected if not prefix else torch.cat([expected[:, :prefix], ~expected[:, prefix:]], 1)
+    x, prefix, count, expected, keep_rest = draw_case(data, kind, k, ties)
     for view in layouts(x.cuda()):
         assert _triton.supports(view, kind, prefix)
         options = dict(kind=kind, ties=ties, num_prefix_tokens=prefix)

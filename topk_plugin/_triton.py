@@ -11,7 +11,6 @@ takes the torch path, as does everything with ``TOPK_PLUGIN_NO_EXT=1``.
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 
@@ -77,8 +76,8 @@ def supports(x: torch.Tensor, kind: str, num_prefix_tokens: int) -> bool:
     """Whether ``select`` handles ``x``: a CUDA float32/float16/bfloat16 tensor whose rows fit, Triton importable."""
     if not (x.is_cuda and x.dtype in _KEY_BITS):
         return False
-    length = x.shape[2] * x.shape[3] if kind == "spatial" else math.prod(x.shape[1:-1]) - num_prefix_tokens
-    return length <= MAX_POSITIONS and _kernel() is not None
+    from ._library import ranked_positions  # _library imports this module
+    return ranked_positions(x, kind, num_prefix_tokens) <= MAX_POSITIONS and _kernel() is not None
 
 
 def select(x: torch.Tensor, count: int, *, kind: str, ties: str, num_prefix_tokens: int = 0,
