@@ -1,4 +1,5 @@
 """The C kernel (``topk_plugin._select``) against a plain sort-based reference and the torch path; the benchmark."""
+import contextlib
 import csv
 import ctypes
 import importlib.util
@@ -147,18 +148,32 @@ def test_mask_and_values_equal_reference(data, kind, k, ties, simd):
         assert torch.equal(mask_only[1], expected)
 
 
-needs_triton = pytest.mark.skipif(not (torch.cuda.is_available() and _triton._kernel() is not None),
-                                  reason="needs a CUDA GPU and Triton")
+# Without a GPU, Triton's interpreter (TRITON_INTERPRET=1 before triton is imported) runs the CUDA kernel on CPU
+# tensors: test_triton_kernel_logic_without_a_gpu runs test_triton_kernel_equals_reference so, in a child pytest.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and not torch.cuda.is_available()
+needs_triton = pytest.mark.skipif(
+    not ((torch.cuda.is_available() or INTERPRETED) and _triton._kernel() is not None),
+    reason="needs a CUDA GPU (or Triton's interpreter) and Triton")
+
+
+@pytest.fixture(scope="module")
+def triton_device():
+    """Where the Triton kernel's inputs live: the GPU, or the CPU for the interpreter (which has no CUDA device
+    to launch on, so ``torch.cuda.device`` is made a no-op)."""
+    with pytest.MonkeyPatch.context() as patch:
+        if INTERPRETED:
+            patch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+        yield torch.device("cpu" if INTERPRETED else "cuda")
 
 
 @needs_triton
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=20 if INTERPRETED else 60, deadline=None)
 @given(data=st.data(), kind=st.sampled_from(["spatial", "token"]), k=ks, ties=st.sampled_from(["first", "all"]))
-def test_triton_kernel_equals_reference(data, kind, k, ties):
+def test_triton_kernel_equals_reference(data, kind, k, ties, triton_device):
     """The CUDA kernel: values and mask, inverted or not, each output alone, in every layout."""
     x, prefix, count, expected, keep_rest = draw_case(data, kind, k, ties)
-    for view in layouts(x.cuda()):
-        assert _triton.supports(view, kind, prefix)
+    for view in layouts(x.to(triton_device)):
+        assert INTERPRETED or _triton.supports(view, kind, prefix)
         options = dict(kind=kind, ties=ties, num_prefix_tokens=prefix)
         for invert, kept in ((False, expected), (True, keep_rest)):
             y, mask = _triton.select(view, count, invert=invert, **options)
@@ -168,7 +183,21 @@ def test_triton_kernel_equals_reference(data, kind, k, ties):
             assert torch.equal(_triton.select(view, count, invert=invert, values=False, **options)[1], mask)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None or _select.extensions_disabled(),
+                    reason="no Triton, or TOPK_PLUGIN_NO_EXT=1")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU runs the kernel itself")
+def test_triton_kernel_logic_without_a_gpu():
+    """The CUDA kernel's selection, tie rules, special values and layouts, checked on every machine: Triton's
+    interpreter runs it on CPU tensors against the reference, in a child pytest (triton picks the interpreter
+    when it is first imported)."""
+    test = f"{__file__}::test_triton_kernel_equals_reference"
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test],
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0 and "1 passed" in result.stdout, result.stdout[-4000:] + result.stderr[-4000:]
+
+
 @needs_triton
+@pytest.mark.skipif(INTERPRETED, reason="model-sized maps take minutes in the interpreter")
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape, kind, prefix", [
     ((8, 64, 55, 55), "spatial", 0), ((4, 256, 13, 13), "spatial", 0), ((2, 16, 112, 112), "spatial", 0),
@@ -394,8 +423,14 @@ def test_kernel_source_compiles_cleanly_wherever_there_is_a_compiler(tmp_path, m
 
 
 def test_disabled_by_environment(monkeypatch):
+    """TOPK_PLUGIN_NO_EXT=1 turns off both compiled kernels: the C kernel and the Triton kernel."""
     monkeypatch.setenv("TOPK_PLUGIN_NO_EXT", "1")
     assert _select._build() is None
+    _triton._kernel.cache_clear()
+    try:
+        assert _triton._kernel() is None
+    finally:
+        _triton._kernel.cache_clear()
 
 
 @pytest.mark.skipif(not hasattr(ctypes.CDLL(None), "mallopt"), reason="not glibc: no mallopt")
