@@ -92,6 +92,31 @@ def test_mean_replace_puts_the_channel_mean_of_kept_values_on_kept_positions(x, 
     torch.testing.assert_close(flat_o, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_mean_replace_ignores_dropped_infinities(dtype, device):
+    """A dropped ±inf takes no part in the mean (multiplying it by a 0 mask gave NaN)."""
+    inf = float("inf")
+    x = torch.tensor([inf, inf, 1.0, 2.0], dtype=dtype, device=device).reshape(1, 1, 2, 2)
+    assert topk(x, 1, mode="mean_replace").flatten().tolist() == [inf, 0.0, 0.0, 0.0]
+    tokens = torch.tensor([[[5.0], [-inf], [-inf], [3.0]]], dtype=dtype, device=device)
+    out = topk(tokens, 1, mode="mean_replace", kind="token", num_prefix_tokens=1)
+    assert out.flatten().tolist() == [5.0, -inf, 0.0, 0.0]
+
+
+def test_mean_replace_of_float16_does_not_overflow_where_the_mean_fits(device):
+    """The kept values' sum is formed in float32: two float16 values near its maximum have a mean that fits."""
+    x = torch.tensor([40000.0, 40000.0, 1.0, 1.0], dtype=torch.float16, device=device).reshape(1, 1, 2, 2)
+    out = topk(x, 2, mode="mean_replace")
+    assert out.flatten().tolist() == [40000.0, 40000.0, 0.0, 0.0]
+    assert out.dtype == torch.float16
+
+
+def test_mean_replace_of_integers_truncates_the_mean_toward_zero():
+    for values, mean in (([3, 4, 0, 0], 3), ([-3, -4, 0, 0], -3)):
+        x = torch.tensor(values, dtype=torch.int8).reshape(1, 1, 2, 2)
+        assert topk(x, 2, mode="mean_replace").flatten().tolist() == [mean, mean, 0, 0]
+
+
 def test_k_one_and_large_counts_are_identity():
     x = torch.randn(2, 3, 5, 7)
     assert torch.equal(topk(x, 1.0), x)

@@ -74,7 +74,11 @@ def _channel_mean_of_kept(x: torch.Tensor, mask: torch.Tensor, kind: str, prefix
     """Per-channel mean of the kept values on the kept positions, 0 elsewhere; prefix tokens pass through."""
     body, kept = x[:, prefix:], mask[:, prefix:]
     dims = (2, 3) if kind == "spatial" else tuple(range(1, x.dim() - 1))
-    mean = (body * kept).sum(dims, keepdim=True) / kept.sum(dims, keepdim=True).clamp_min(1)
+    # where, not a product with the mask: a dropped ±inf times 0 is NaN. Half types sum in float32: the sum of
+    # kept float16 values can overflow where their mean fits.
+    accumulate = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else None
+    total = torch.where(kept, body, 0).sum(dims, keepdim=True, dtype=accumulate)
+    mean = total / kept.sum(dims, keepdim=True).clamp_min(1)
     out = torch.where(kept, mean.to(x.dtype), torch.zeros((), dtype=x.dtype, device=x.device))
     return torch.cat([x[:, :prefix], out], dim=1) if prefix else out
 
