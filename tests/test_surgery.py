@@ -150,6 +150,19 @@ def test_torchvision_vit_feeds_the_same_topk_tensor_as_query_key_and_value():
     assert ((q[:, 1:] != 0).sum(1) == int(0.6 * 16)).all()
 
 
+@pytest.mark.parametrize("builder", [tv("vgg16_bn"), lambda: timm.create_model("vgg16_bn")])
+def test_the_vgg16_preset_is_not_applied_at_the_wrong_layers_of_vgg16_bn(builder):
+    """vgg16_bn also has 13 convolutions, but its max-pools sit at other indices: its own entry puts Top-K after
+    each of them (the VGG16 entry's positions would land on BatchNorm, ReLU and Conv layers)."""
+    model = builder()
+    sparse = sparsify(model, "paper", method="hooks")
+    modules = dict(model.named_modules())
+    pools = [f"features.{i}" for i, m in enumerate(model.features) if isinstance(m, nn.MaxPool2d)]
+    assert list(topk_layers(sparse)) == pools and len(pools) == 5
+    assert all(isinstance(modules[p], nn.MaxPool2d) for p in topk_layers(sparse))
+    assert {layer.k for layer in topk_layers(sparse).values()} == {0.05}
+
+
 def test_every_preset_runs_on_a_random_model():
     builders = {"alexnet": tv("alexnet"), "vgg16": tv("vgg16"), "resnet18": tv("resnet18"), "resnet50": tv("resnet50"),
                 "vit_torchvision": tv("vit_b_16", image_size=64), "vit_timm": tm("vit_tiny_patch16_224", img_size=64)}
@@ -351,6 +364,78 @@ def test_fx_follows_train_and_eval_control_flow():
         hook_model.train(mode)
         assert torch.equal(fx_model(x), hook_model(x)), mode
     assert not torch.equal(fx_model.train()(x), fx_model.eval()(x))
+
+
+@pytest.mark.parametrize("report", [sparsity_report, list_positions])
+def test_reports_leave_an_fx_model_in_train_mode_running_its_train_graph(report):
+    """The reports run the model in eval mode and restore each module's flag: the graph must follow the flag."""
+    model = sparsify(ModeDependent(), ["conv"], k=1.0, method="fx").train()
+    x = torch.randn(1, 3, 8, 8)
+    expected = model(x)
+    report(model, x)
+    assert model.training
+    assert torch.equal(model(x), expected)
+
+
+@pytest.mark.parametrize("method", ["fx", "hooks", "auto"])
+def test_sparsify_keeps_each_submodules_own_mode(method):
+    """A model in train mode with frozen BatchNorm (the usual fine-tuning set-up) keeps it frozen; copies too."""
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).train()
+    frozen = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    for bn in frozen:
+        bn.eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = model(x)
+    sparse = sparsify(model, "layer2", k=1.0, method=method)
+    for copied in (sparse, copy.deepcopy(sparse)):
+        assert copied.training
+        assert not any(m.training for m in copied.modules() if isinstance(m, nn.BatchNorm2d))
+        with torch.no_grad():
+            assert torch.equal(copied(x), expected)
+
+
+def test_a_position_fx_never_reaches_is_refused_not_left_to_hooks():
+    """A module that forward never calls (here: reached nowhere) gets no Top-K under hooks either: an error."""
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.spare = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    for method in ("auto", "fx"):
+        with pytest.raises(ValueError, match=r"'spare'.*never called"):
+            sparsify(Unused(), ["conv", "spare"], method=method)
+
+
+def test_hooks_warn_after_the_first_forward_about_positions_that_never_ran():
+    """nn.MultiheadAttention uses its out_proj weights without calling the module: fx keeps the attention opaque,
+    so auto falls back to hooks, and the first forward names the position whose Top-K never ran."""
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn, self.head = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 4)
+
+        def forward(self, x):
+            return self.head(self.attn(x, x, x)[0])
+
+    x = torch.randn(2, 5, 16)
+    spec = dict(positions=["attn.out_proj", "head"], k=1, kind="token")
+    for method in ("hooks", "auto"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # auto's fallback warning
+            sparse = sparsify(Attention(), spec, method=method)
+        with pytest.warns(UserWarning, match=r"\['attn.out_proj'\] were not called in the model's first forward"):
+            sparse(x)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            sparse(x)  # once only
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsify(Attention(), dict(spec, positions=["head"]), method="hooks")(x)  # every position ran: no warning
 
 
 def test_fx_model_survives_deepcopy_and_pickle():

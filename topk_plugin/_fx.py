@@ -75,6 +75,7 @@ class _Tracer(fx.Tracer):
         # A target is a leaf unless another target lies inside it (then both must be visible).
         self.leaves = {n for n in names if not any(o.startswith(n + ".") for o in names)}
         self.reached: set[str] = set()
+        self.opaque: set[str] = set()  # reached modules called as one unit (their insides are not traced)
         self.traced_through: dict[str, nn.Module] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
@@ -91,7 +92,9 @@ class _Tracer(fx.Tracer):
             new = self.create_proxy("call_module", before, (first,), {})
             args = tuple(new if a is first else a for a in args)
             kwargs = {key: new if v is first else v for key, v in kwargs.items()}
-        if not self.is_leaf_module(m, name):
+        if self.is_leaf_module(m, name):
+            self.opaque.add(name)
+        else:
             self.traced_through[name] = m
         out = super().call_module(m, forward, args, kwargs)
         if after is not None:
@@ -108,12 +111,13 @@ def _plain_defaults(model: nn.Module) -> dict:
             if p.kind in kinds and (p.default is None or isinstance(p.default, (bool, int, float, str)))}
 
 
-def _trace(model: nn.Module, targets: list[Target], training: bool) -> tuple[fx.Graph, dict[str, nn.Module]]:
+def _trace(model: nn.Module, targets: list[Target], training: bool) -> _Tracer:
+    """The tracer after tracing ``model`` with every module in mode ``training`` (restored after)."""
     modes = {m: m.training for m in model.modules()}
     model.train(training)
     tracer = _Tracer(targets)
     try:
-        graph = tracer.trace(model, concrete_args=_plain_defaults(model) or None)
+        tracer.trace(model, concrete_args=_plain_defaults(model) or None)  # sets tracer.graph
     except TraceFailure:
         raise
     except Exception as err:  # noqa: BLE001 - any tracing error means "use hooks"
@@ -121,11 +125,22 @@ def _trace(model: nn.Module, targets: list[Target], training: bool) -> tuple[fx.
     finally:
         for m, mode in modes.items():
             m.training = mode
-    missing = sorted({t.module for t in targets} - tracer.reached)
+    return tracer
+
+
+def _check_reached(targets: list[Target], tracers: list[_Tracer]) -> None:
+    """Every position is called in one of the modes' traces. One inside a module traced as one unit may be
+    called there (hooks will tell: ``TraceFailure``); one inside none is never called by forward (``ValueError``:
+    hooks would silently never run it)."""
+    reached = set().union(*(t.reached for t in tracers))
+    opaque = set().union(*(t.opaque for t in tracers))
+    missing = sorted({t.module for t in targets} - reached)
+    never = [name for name in missing if not any(name.startswith(o + ".") for o in opaque)]
+    if never:
+        raise ValueError(f"positions {never} are never called in forward (in train or eval mode), so Top-K there "
+                         "would never run; list_positions(model, x) shows the modules forward calls")
     if missing:
-        raise TraceFailure(f"positions {missing} are never called in the traced graph "
-                           "(called inside a module fx does not trace into, or not called in forward)")
-    return graph, tracer.traced_through
+        raise TraceFailure(f"positions {missing} are called inside modules fx does not trace into")
 
 
 class SparsifiedGraphModule(fx.GraphModule):
@@ -137,15 +152,21 @@ class SparsifiedGraphModule(fx.GraphModule):
     """
 
     def train(self, mode: bool = True):
-        graphs = self.__dict__.get("_topk_graphs")
-        if graphs is not None and self.graph is not graphs[mode]:
-            self.graph = graphs[mode]
-        return super().train(mode)
+        super().train(mode)
+        self._follow_mode()
+        return self
 
     def __call__(self, *args, **kwargs):
         if not torch.compiler.is_compiling():
+            self._follow_mode()  # also when the flag was set without train(), as reports restore it
             self._check_inlined_modules()
         return super().__call__(*args, **kwargs)
+
+    def _follow_mode(self) -> None:
+        """Run the graph traced in the current mode (when the two modes' graphs differ)."""
+        graphs = self.__dict__.get("_topk_graphs")
+        if graphs is not None and self.graph is not graphs[self.training]:
+            self.graph = graphs[self.training]
 
     def _check_inlined_modules(self) -> None:
         for owner, key, name, module in self.__dict__["_topk_inlined"]:
@@ -191,11 +212,13 @@ def build(original: nn.Module, layers: nn.ModuleDict, targets: list[Target],
     """Trace ``original`` (both modes) with ``layers`` inserted; ``TraceFailure`` when fx cannot."""
     training = original.training if training is None else training
     before = set(original.__dict__)
+    modes = {m: m.training for m in original.modules()}
     try:
-        traced = {mode: _trace(original, targets, mode) for mode in (True, False)}
+        tracers = {mode: _trace(original, targets, mode) for mode in (True, False)}
     finally:
         constants = {name: original.__dict__.pop(name) for name in set(original.__dict__) - before}
-    graphs = {mode: graph for mode, (graph, _) in traced.items()}
+    _check_reached(targets, list(tracers.values()))
+    graphs = {mode: tracer.graph for mode, tracer in tracers.items()}
     # GraphModule copies what the graph names from its root; give it stand-ins, then the real children.
     stand_ins = {node.target: nn.Module() if node.op == "call_module" else torch.empty(0)
                  for graph in graphs.values() for node in graph.nodes if node.op in ("call_module", "get_attr")}
@@ -207,7 +230,7 @@ def build(original: nn.Module, layers: nn.ModuleDict, targets: list[Target],
     gm._non_persistent_buffers_set = set(original._non_persistent_buffers_set)
     for name, tensor in constants.items():
         gm.register_buffer(name, tensor, persistent=False)
-    inlined = {name: module for _, through in traced.values() for name, module in through.items()}
+    inlined = {name: module for tracer in tracers.values() for name, module in tracer.traced_through.items()}
     gm.__dict__["_topk_inlined"] = [
         (_resolve(gm, name.rpartition(".")[0]), name.rpartition(".")[2], name, module) for name, module in inlined.items()]
     same = graphs[True].python_code("self").src == graphs[False].python_code("self").src
@@ -216,6 +239,9 @@ def build(original: nn.Module, layers: nn.ModuleDict, targets: list[Target],
     gm.__dict__["_topk_targets"] = targets
     gm.__dict__["_topk_constants"] = set(constants)
     gm.train(training)
+    for module, mode in modes.items():  # each submodule keeps its own mode (frozen BatchNorm in a training model)
+        if module is not original:
+            module.training = mode
     return gm
 
 

@@ -112,10 +112,12 @@ def _is_alexnet(model: nn.Module) -> bool:
     return "AlexNet" in _class_names(model) and hasattr(model, "features")
 
 
-def _is_vgg16(model: nn.Module) -> bool:
+def _is_vgg16(model: nn.Module, batch_norm: bool) -> bool:
+    """VGG16 with (vgg16_bn) or without BatchNorm: 13 convolutions either way, but max-pools at other indices."""
     if "VGG" not in _class_names(model) or not hasattr(model, "features"):
         return False
-    return sum(isinstance(m, nn.Conv2d) for m in model.features) == 13
+    return (sum(isinstance(m, nn.Conv2d) for m in model.features) == 13
+            and any(isinstance(m, nn.BatchNorm2d) for m in model.features) == batch_norm)
 
 
 def _is_vit(model: nn.Module, library_check: Callable[[nn.Module], bool]) -> bool:
@@ -131,7 +133,10 @@ _ALEXNET_NOTE = "after ReLU/max-pool of every conv stage (paper Fig. 4: 10% best
 register_preset("paper", "alexnet", TopKSpec(["features.2", "features.5", "features.7", "features.9", "features.12"], k=0.1),
                 _is_alexnet, _ALEXNET_NOTE)
 register_preset("paper", "vgg16", TopKSpec(["features.4", "features.9", "features.16", "features.23", "features.30"], k=0.05),
-                _is_vgg16, "after each max-pool (paper Fig. 4: 5% best)")
+                lambda m: _is_vgg16(m, batch_norm=False), "after each max-pool (paper Fig. 4: 5% best)")
+register_preset("paper", "vgg16_bn", TopKSpec(["features.6", "features.13", "features.23", "features.33", "features.43"],
+                                              k=0.05),
+                lambda m: _is_vgg16(m, batch_norm=True), "our choice: after each max-pool, 5% as for VGG16")
 register_preset("paper", "resnet18", TopKSpec(["layer2"], k=0.2),
                 lambda m: _resnet_depths(m, "BasicBlock") == (2, 2, 2, 2),
                 "after layer2, as trained in the paper's Table 2 (also the 3x3-stem, no-max-pool variant)")
