@@ -138,7 +138,9 @@ def _check_reached(targets: list[Target], tracers: list[_Tracer]) -> None:
     never = [name for name in missing if not any(name.startswith(o + ".") for o in opaque)]
     if never:
         raise ValueError(f"positions {never} are never called in forward (in train or eval mode), so Top-K there "
-                         "would never run; list_positions(model, x) shows the modules forward calls")
+                         "would never run; list_positions(model, x) shows the modules forward calls. If forward "
+                         "calls them only inside a function fx does not trace, or only for an argument value "
+                         "other than its default, use method='hooks'")
     if missing:
         raise TraceFailure(f"positions {missing} are called inside modules fx does not trace into")
 
