@@ -144,10 +144,27 @@ def k_list(text: str) -> list[float | int]:
     values = []
     for item in items:
         try:
-            values.append(parse_k(item))
+            value = parse_k(item)
         except SystemExit as err:
             raise argparse.ArgumentTypeError(str(err).removeprefix("--k ")) from None
+        # 1 (a count) and 1.0 (every position) differ; 0.1 and 0.10 do not
+        if any(type(v) is type(value) and v == value for v in values):
+            raise argparse.ArgumentTypeError(f"{text!r}: K {value!r} is given more than once")
+        values.append(value)
     return values
+
+
+def check_distinct(flag: str, values, name=repr) -> None:
+    """Exit naming ``flag`` when two of ``values`` would be one run (the same ``name``: a folder, a table row)."""
+    seen = {}
+    for value in values:
+        key = name(value)
+        if key not in seen:
+            seen[key] = value
+        elif seen[key] == value:
+            raise SystemExit(f"{flag}: {value!r} is given more than once")
+        else:
+            raise SystemExit(f"{flag}: {seen[key]!r} and {value!r} name the same run ({key}); give distinct values")
 
 
 # ----------------------------------------------------------------------------- run folders

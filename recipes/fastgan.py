@@ -40,11 +40,11 @@ from topk_plugin import TopKSpec, get_preset, is_sparsified, parse_spec, sparsif
 from topk_plugin.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
 from topk_plugin.integrations.fidelity import (FEATURE_LAYERS, PROTOCOLS, InceptionWeightsUnavailable, draw_images,
                                                fid_kid, resolve_inception_weights)
-from topk_plugin.recipes._common import (SHARED_DATA, UnreadableImage, apply_smoke, atomic_save, check_resume_config,
-                                         format_mean_std, image_files, k_list, load_config, mean_std, parse_k,
-                                         positive_int, prepare_out, pyplot, read_image, recipe_parser, require_dir,
-                                         resolve_device, save_config, save_figure, seed_everything,
-                                         warn_meaningless, write_csv, write_json)
+from topk_plugin.recipes._common import (SHARED_DATA, UnreadableImage, apply_smoke, atomic_save, check_distinct,
+                                         check_resume_config, format_mean_std, image_files, k_list, load_config,
+                                         mean_std, parse_k, positive_int, prepare_out, pyplot, read_image,
+                                         recipe_parser, require_dir, resolve_device, save_config, save_figure,
+                                         seed_everything, warn_meaningless, write_csv, write_json)
 from topk_plugin.recipes.fastgan_models import (OUTPUTS, PAPER_POLICY, SE_GATES, Discriminator, GeneratorConfig,
                                                 crop_part, diff_augment, small_size, upstream_generator_config,
                                                 upstream_generator_state, upstream_key_map)
@@ -692,6 +692,7 @@ def sweep(args, parser) -> list[dict]:
         seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError:
         raise SystemExit(f"--seeds {args.seeds!r}: give comma-separated integers") from None
+    check_distinct("--seeds", seeds)
     base = train_config(args)
     spec = base.topk if base.topk != "none" else "paper"
     build_generator(base.generator(), spec, None)
@@ -704,7 +705,7 @@ def sweep(args, parser) -> list[dict]:
     rows = []
     for seed in seeds:
         for k in [None, *args.ks]:
-            tag = "dense" if k is None else f"topk_{k:g}"
+            tag = "dense" if k is None else f"topk_{k!r}"  # repr: a count 1 is topk_1, all positions topk_1.0
             config = dataclasses.replace(base, seed=seed, topk="none" if k is None else spec, k=k)
             run_out, done = out / tag / f"seed{seed}", out / tag / f"seed{seed}" / "results.json"
             if done.is_file():

@@ -47,10 +47,10 @@ from topk_plugin import TopKSpec, parse_spec, set_k, sparsify, topk_layers
 from topk_plugin.checkpoints import CheckpointError, load_checkpoint, read_checkpoint
 from topk_plugin.integrations.imagenet16 import IMAGENET_MEAN, IMAGENET_STD
 from topk_plugin.models import create_model
-from topk_plugin.recipes._common import (SHARED_DATA, apply_smoke, atomic_save, check_resume_config, format_mean_std,
-                                         k_list, mean_std, parse_k, positive_int, prepare_out, pyplot,
-                                         recipe_parser, resolve_device, save_config, save_figure, seed_everything,
-                                         warn_meaningless, write_csv, write_json)
+from topk_plugin.recipes._common import (SHARED_DATA, apply_smoke, atomic_save, check_distinct, check_resume_config,
+                                         format_mean_std, k_list, mean_std, parse_k, positive_int, prepare_out,
+                                         pyplot, recipe_parser, resolve_device, save_config, save_figure,
+                                         seed_everything, warn_meaningless, write_csv, write_json)
 from topk_plugin.recipes.datasets import (SUBSETS, FileListDataset, Splits, bad_images_exit, class_folders,
                                           drop_unreadable, folder_samples, load_splits)
 from topk_plugin.recipes.stylize import (StyleSettings, add_style_options, build_adain, style_images, style_settings,
@@ -161,6 +161,8 @@ class TrainConfig:
         bad = [lam for lam in self.l1_lambdas if not (math.isfinite(lam) and lam > 0)]
         if bad:
             raise SystemExit(f"--l1-lambdas {bad}: each weight must be a finite number > 0")
+        check_distinct("--seeds", self.seeds)
+        check_distinct("--l1-lambdas", self.l1_lambdas, name=lambda lam: Run("l1", 0, lam).name)
         for flag, value in (("--lr", self.lr), ("--weight-decay", self.weight_decay), ("--momentum", self.momentum)):
             if not (math.isfinite(value) and value >= 0) or (flag == "--lr" and value == 0):
                 raise SystemExit(f"{flag} {value} must be a finite number >= 0 (> 0 for --lr)")

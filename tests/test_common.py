@@ -79,6 +79,14 @@ def test_k_list_rejects_bad_values_at_parse_time(text):
 
 def test_k_list_reads_fractions_and_counts():
     assert common.k_list("0.05, 0.1,12") == [0.05, 0.1, 12]
+    assert common.k_list("1,1.0") == [1, 1.0]  # a count of 1 and 100%: two different Ks
+
+
+@pytest.mark.parametrize("text", ["0.1,0.10", "12,12", "0.05,0.2,0.05"])
+def test_k_list_refuses_a_k_given_twice(text):
+    """A repeated K would be one run counted twice (or a sweep row reusing another's results)."""
+    with pytest.raises(argparse.ArgumentTypeError, match="more than once"):
+        common.k_list(text)
 
 
 @pytest.mark.parametrize("text", ["0", "-3", "x"])

@@ -234,6 +234,27 @@ def test_sample_and_eval_from_the_run(tmp_path, topk_run, inception, jeep):
     assert from_ckpt["num_generated"] == 4 and from_ckpt["protocol"] == "standard" and math.isfinite(from_ckpt["fid"])
 
 
+def test_sweep_runs_a_count_and_a_fraction_apart_and_refuses_a_repeated_seed(tmp_path, few, monkeypatch):
+    """K = 1 (a count) and K = 1.0 (all positions) are two runs in two folders; --seeds 0,0 would count one
+    run twice. Training is stubbed: each run reports its K as its FID."""
+    def fake_train(config, out, *args, **kwargs):
+        out.mkdir(parents=True, exist_ok=True)
+        summary = {"best": {"fid": 100.0 * (config.k or 0), "kid": None}, "it_per_s": 1.0, "iterations": 1}
+        (out / "results.json").write_text(json.dumps(summary))
+        return summary
+
+    monkeypatch.setattr(fastgan, "train_run", fake_train)
+    spec = json.dumps({"positions": ["feat_32"], "k": 0.1, "mode": "topk"})
+    argv = ["sweep", "--smoke", "--no-metrics", "--data", str(few), "--topk", spec, "--ks", "1,1.0"]
+    rows = fastgan.main([*argv, "--out", str(tmp_path / "a")])
+    assert [(r["method"], r["k"], r["fid"]) for r in rows] == [("dense", None, 0.0), ("topk_1", 1, 100.0),
+                                                              ("topk_1.0", 1.0, 100.0)]
+    assert type(rows[1]["k"]) is int and type(rows[2]["k"]) is float
+    with pytest.raises(SystemExit, match="--seeds: 0 is given more than once"):
+        fastgan.main([*argv, "--out", str(tmp_path / "b"), "--seeds", "0,0"])
+    assert not (tmp_path / "b").exists()
+
+
 def test_sweep_table_and_resume_reuses_finished_runs(tmp_path, few):
     out = tmp_path / "sweep"
     spec = json.dumps({"positions": ["feat_32"], "k": 0.1, "mode": "topk"})

@@ -122,6 +122,9 @@ def test_subset_selects_wnids_in_place(tmp_path):
     (["--device", "cuda:7"], r"--device 'cuda:7'"), (["--size", "48"], r"--size 48.*multiple of 32"),
     (["--topk", "layer2,fc9"], r"'fc9' matches no module"), (["--val-fraction", "1.5"], r"--val-fraction 1.5"),
     (["--size", "32", "--resize", "37"], r"AdaIN needs trained weights"),
+    (["--seeds", "0", "1", "0"], r"--seeds: 0 is given more than once"),
+    (["--l1-lambdas", "0.1", "0.1"], r"--l1-lambdas: 0.1 is given more than once"),
+    (["--l1-lambdas", "0.1", "0.1000001"], r"--l1-lambdas: 0.1 and 0.1000001 name the same run"),
 ])
 def test_bad_options_exit_naming_the_value_before_any_work(tmp_path, capsys, argv, message):
     _pair(tmp_path / "d")
