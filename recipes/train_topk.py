@@ -589,10 +589,16 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, Runtime]:
     return cfg, Runtime(args.out, args.device, args.workers, args.eval_batch_size, args.stop_after_epochs)
 
 
-def load_weights(cfg: TrainConfig, path: Path, num_classes: int) -> nn.Module:
-    """The dense ``--arch`` network with ``path``'s weights (any container the core loader knows)."""
+def load_weights(cfg: TrainConfig, path: Path, classes: list[str]) -> nn.Module:
+    """The dense ``--arch`` network with ``path``'s weights (any container the core loader knows); a checkpoint
+    that names its classes (this recipe's ``last.pt``) must name the data's."""
     try:
-        return load_checkpoint(ARCHS[cfg.arch](num_classes, cfg.size), path)
+        saved = read_checkpoint(path)
+        trained_on = saved.get("classes") if isinstance(saved, dict) else None
+        if trained_on is not None and list(trained_on) != list(classes):
+            raise SystemExit(f"--weights {path} was trained on classes {list(trained_on)}, but --data has "
+                             f"{list(classes)}: its accuracies here would mean nothing")
+        return load_checkpoint(ARCHS[cfg.arch](len(classes), cfg.size), saved)
     except CheckpointError as err:
         raise SystemExit(f"--weights {path}: {err}") from None
 
@@ -626,7 +632,7 @@ def main(argv=None) -> dict:
     splits = load_splits(Path(cfg.data), cfg.subset, cfg.val_fraction, cfg.split_seed).limit(cfg.max_per_class,
                                                                                             cfg.split_seed)
     spec = resolve_topk(cfg.topk, cfg.k, ARCHS[cfg.arch](len(splits.classes), cfg.size))
-    weights = None if args.weights is None else load_weights(cfg, args.weights, len(splits.classes))
+    weights = None if args.weights is None else load_weights(cfg, args.weights, splits.classes)
     adain = None
     if cfg.stylized_val is not None:
         check_stylized_folder(cfg, splits)
