@@ -19,13 +19,13 @@ import numbers
 import os
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torchvision.models
 from torch import nn
 
-from topk_plugin import sparsify
-from topk_plugin.ops import check_k
+from topk_plugin import TopKSpec, sparsify
+from topk_plugin.ops import MODES, check_choice, check_k
 
 INSTALL_HINT = (
     "model-vs-human is not installed (it is not on PyPI). Install it from its repository:\n"
@@ -47,9 +47,10 @@ def require_modelvshuman():
     return modelvshuman
 
 
-def sweep_name(prefix: str, k) -> str:
+def sweep_name(prefix: str, k, mode: str = "topk") -> str:
     """Registry name of the Top-K model at ``k``: ``alexnet_topk10`` for 0.1, ``alexnet_topk2p5`` for
-    0.025, ``alexnet_top7`` for the count 7; ``alexnet_dense`` for ``k=None``.
+    0.025, ``alexnet_top7`` for the count 7; ``alexnet_dense`` for ``k=None``. Another ``mode`` is appended
+    (``alexnet_topk10_non_topk``, as the paper's ``AlexNet-topK-10-Revert``), so it never takes a Top-K run's name.
 
     Distinct K give distinct names (0.1 and 0.1000001 too): the percentage is written exactly, from the
     shortest decimal that round-trips the float, never rounded.
@@ -57,10 +58,25 @@ def sweep_name(prefix: str, k) -> str:
     if k is None:
         return f"{prefix}_dense"
     check_k(k)
+    check_choice("mode", mode, MODES)
+    suffix = "" if mode == "topk" else f"_{mode}"
     if isinstance(k, numbers.Integral):
-        return f"{prefix}_top{int(k)}"
+        return f"{prefix}_top{int(k)}{suffix}"
     percent = format((Decimal(repr(float(k))) * 100).normalize(), "f")
-    return f"{prefix}_topk{percent.replace('.', 'p')}"
+    return f"{prefix}_topk{percent.replace('.', 'p')}{suffix}"
+
+
+def run_mode(spec, mode: str | None = None) -> str:
+    """The mode a sweep runs: ``mode`` if given, else the one of ``spec`` (a ``TopKSpec``, a dict of its fields,
+    or a list of them, all of one mode); presets and position lists run ``topk``."""
+    if mode is not None:
+        return mode
+    specs = spec if isinstance(spec, (list, tuple)) else [spec]
+    modes = {s.mode if isinstance(s, TopKSpec) else s.get("mode", "topk") if isinstance(s, Mapping) else "topk"
+             for s in specs}
+    if len(modes) > 1:
+        raise ValueError(f"spec mixes modes {sorted(modes)}; give mode= to name the sweep's runs")
+    return modes.pop()
 
 
 def check_name(name: str) -> str:
@@ -122,8 +138,8 @@ def register_sweep(prefix: str, factory: Factory, spec, ks: Iterable, *, mode: s
     if dense:
         names.append(register_model(sweep_name(prefix, None), sparsified_factory(factory, None), wrapper=wrapper))
     for k in ks:
-        names.append(register_model(sweep_name(prefix, k), sparsified_factory(factory, spec, k, mode),
-                                    wrapper=wrapper))
+        names.append(register_model(sweep_name(prefix, k, run_mode(spec, mode)),
+                                    sparsified_factory(factory, spec, k, mode), wrapper=wrapper))
     return names
 
 

@@ -39,7 +39,13 @@ SMOKE = {"per_category": 1, "k": [0.1, 0.5], "device": "cpu"}
 PAPER_LABELS = {"AlexNet": "AlexNet", "VGG": "VGG16"}
 PAPER_ARCH_OF = {"alexnet": "AlexNet", "vgg16": "VGG"}
 UNIT = (-0.02, 1.02)  # axis limits of a fraction, so that points at 0 and 1 stay visible
-PAPER_RUN = re.compile(r"^cue-conflict_(?P<arch>AlexNet|VGG)-(?:normal|topK-(?P<k>\d+))_session-1\.csv$")
+PAPER_RUN = re.compile(r"^cue-conflict_(?P<arch>AlexNet|VGG)-(?:normal|topK-(?P<k>\d+)(?P<revert>-Revert)?)"
+                       r"_session-1\.csv$")
+# How each mode's runs are labelled, and which of the paper's recorded runs it is compared with ("-Revert": the
+# non-Top-K responses kept); the paper recorded none of the other modes.
+MODE_LABELS = {"topk": "Top-K", "non_topk": "non-Top-K (Revert)", "mean_replace": "Top-K mean-replace",
+               "identity": "identity"}
+PAPER_RUNS_OF_MODE = {"topk": False, "non_topk": True}
 
 
 @dataclass
@@ -235,15 +241,20 @@ def build_models(config: ShapeBiasConfig, checkpoints: dict) -> dict[str, tuple[
 
 # ----------------------------------------------------------------------------- references
 
-def paper_runs(folder: Path | None) -> dict[str, dict[str, dict]]:
-    """Fractions of the paper's recorded cue-conflict runs: ``{"AlexNet": {"dense": {...}, "10": {...}}, ...}``."""
+def paper_runs(folder: Path | None, mode: str = "topk") -> dict[str, dict[str, dict]]:
+    """Fractions of the paper's recorded cue-conflict runs of ``mode`` (and the dense ones):
+    ``{"AlexNet": {"dense": {...}, "10": {...}}, ...}``; an architecture with no run of ``mode`` is left out."""
     runs: dict[str, dict[str, dict]] = {}
     if folder is None:
         return runs
     for path in sorted((folder / cc.CUE_CONFLICT).glob("*.csv")):
         match = PAPER_RUN.match(path.name)
-        if match:
-            runs.setdefault(match["arch"], {})[match["k"] or "dense"] = shape_texture_fractions(path)
+        if match and match["k"] and PAPER_RUNS_OF_MODE.get(mode) == bool(match["revert"]):
+            runs.setdefault(match["arch"], {})[match["k"]] = shape_texture_fractions(path)
+    for path in sorted((folder / cc.CUE_CONFLICT).glob("*.csv")):
+        match = PAPER_RUN.match(path.name)
+        if match and not match["k"] and match["arch"] in runs:
+            runs[match["arch"]]["dense"] = shape_texture_fractions(path)
     return {arch: dict(sorted(r.items(), key=lambda kv: -1 if kv[0] == "dense" else int(kv[0])))
             for arch, r in runs.items()}
 
@@ -278,13 +289,14 @@ def plot_bias_vs_k(summary, config: ShapeBiasConfig, humans, paper: dict, out: P
     fig, ax = plt.subplots(figsize=(7, 4.6))
     for model, color in zip(config.models, _model_colors(len(config.models))):
         runs = summary[summary["model"] == model]
-        ax.plot(x, runs["shape_bias"].iloc[1:], "o-", color=color, label=f"{model} + Top-K")
+        ax.plot(x, runs["shape_bias"].iloc[1:], "o-", color=color, label=f"{model} + {MODE_LABELS[config.mode]}")
         ax.axhline(runs["shape_bias"].iloc[0], color=color, ls="--", lw=1, label=f"{model} dense")
         arch = PAPER_ARCH_OF.get(model)
         if percent and arch in paper:
             label = PAPER_LABELS[arch]
             points = [(int(k), s["shape_bias"]) for k, s in paper[arch].items() if k != "dense"]
-            ax.plot(*zip(*points), "s:", color=color, mfc="none", label=f"paper's {label} Top-K runs")
+            ax.plot(*zip(*points), "s:", color=color, mfc="none",
+                    label=f"paper's {label} {MODE_LABELS[config.mode]} runs")
             if "dense" in paper[arch]:
                 ax.axhline(paper[arch]["dense"]["shape_bias"], color=color, ls=":", lw=1,
                            label=f"paper's {label} dense run")
@@ -309,14 +321,15 @@ def plot_frontier(summary, config: ShapeBiasConfig, humans, paper: dict, out: Pa
         ax.scatter(runs["shape_or_texture"].iloc[:1], runs["shape_bias"].iloc[:1], facecolors="none",
                    edgecolors=[color], s=60, zorder=3, label=f"{model} dense")
         ax.scatter(runs["shape_or_texture"].iloc[1:], runs["shape_bias"].iloc[1:], color=color, s=30, zorder=3,
-                   label=f"{model} + Top-K (K labelled)")
+                   label=f"{model} + {MODE_LABELS[config.mode]} (K labelled)")
         for row in runs.iloc[1:].itertuples():
             ax.annotate(_k_label(row.k), (row.shape_or_texture, row.shape_bias), fontsize=6, color=color,
                         xytext=(3, 3), textcoords="offset points")
     for arch, marker in zip(paper, ("s", "^")):
         stats = paper[arch]
         ax.scatter([s["shape_or_texture"] for s in stats.values()], [s["shape_bias"] for s in stats.values()],
-                   marker=marker, facecolors="none", edgecolors="tab:gray", label=f"paper's {PAPER_LABELS[arch]} runs")
+                   marker=marker, facecolors="none", edgecolors="tab:gray",
+                   label=f"paper's {PAPER_LABELS[arch]} {MODE_LABELS[config.mode]} runs")
         for k, s in stats.items():
             ax.annotate(k if k == "dense" else f"{k}%", (s["shape_or_texture"], s["shape_bias"]), fontsize=6,
                         color="tab:gray", xytext=(3, -8), textcoords="offset points")
@@ -365,7 +378,7 @@ def evaluate_all(config: ShapeBiasConfig, models: dict, stimuli: dict, out: Path
     for name, (dense, sparse) in models.items():
         for k in [None, *config.ks]:
             model = dense if k is None else set_k(sparse, k)
-            subj = sweep_name(run_prefix(name), k)
+            subj = sweep_name(run_prefix(name), k, config.mode)
             row = {"model": name, "weights": config.weights[name] or "random init", "run": subj, "k": k}
             tick = time.perf_counter()
             for dataset, stim in stimuli.items():
@@ -410,7 +423,7 @@ def run(config: ShapeBiasConfig, out: Path, checkpoints: dict | None = None) -> 
         per_category_bias["humans"] = category_shape_bias(trials)
     per_category = pd.DataFrame(per_category_bias).rename_axis("category")
     write_csv(out / "per_category.csv", per_category.reset_index())
-    paper = paper_runs(config.paper)
+    paper = paper_runs(config.paper, config.mode)
 
     plots = [*plot_bias_vs_k(summary, config, humans, paper, out), *plot_frontier(summary, config, humans, paper, out),
              *plot_per_category(per_category, summary, config, out)]

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from topk_plugin.integrations import modelvshuman as mvh
-from topk_plugin import is_sparsified, topk_layers
+from topk_plugin import TopKSpec, is_sparsified, topk_layers
 
 
 def _alexnet():
@@ -36,6 +36,24 @@ def test_sweep_names(k, name):
 def test_names_the_benchmark_cannot_resolve_are_refused(name, message):
     with pytest.raises(ValueError, match=message):
         mvh.check_name(name)
+
+
+@pytest.mark.parametrize("k, mode, name", [(0.1, "non_topk", "alexnet_topk10_non_topk"),
+                                           (7, "mean_replace", "alexnet_top7_mean_replace"),
+                                           (0.1, "topk", "alexnet_topk10"), (None, "non_topk", "alexnet_dense")])
+def test_sweep_names_say_the_mode_when_it_is_not_topk(k, mode, name):
+    """A non-Top-K ("Revert") run must not take the Top-K run's name (and its results' file names)."""
+    assert mvh.sweep_name("alexnet", k, mode) == name
+    assert mvh.check_name(name) == name
+
+
+@pytest.mark.parametrize("spec, mode, expected", [
+    ("paper", None, "topk"), ("paper", "non_topk", "non_topk"),
+    (TopKSpec(["features.2"], mode="mean_replace"), None, "mean_replace"),
+    ({"positions": ["features.2"], "mode": "non_topk"}, None, "non_topk"),
+    ([TopKSpec(["features.2"], mode="non_topk"), TopKSpec(["features.5"], mode="non_topk")], None, "non_topk")])
+def test_run_mode_is_the_override_or_the_specs_own(spec, mode, expected):
+    assert mvh.run_mode(spec, mode) == expected
 
 
 def test_bad_k_is_refused():

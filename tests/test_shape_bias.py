@@ -274,6 +274,19 @@ def _recipe(data, out, *extra):
                         "--paper", "none", "--data", str(data), "--out", str(out), *extra])
 
 
+def test_a_non_topk_run_is_named_and_compared_as_one(shared_data, tmp_path):
+    """--mode non_topk (the paper's "Revert"): its own run names, and the paper's Revert runs beside it."""
+    result = recipe.main(["--smoke", "--per-category", "1", "--datasets", "cue-conflict", "--humans", "none",
+                          "--data", str(shared_data / "texture-shape"), "--out", str(tmp_path / "run"),
+                          "--k", "0.1", "--mode", "non_topk"])
+    assert [r["run"] for r in result["runs"]] == ["alexnet_dense", "alexnet_topk10_non_topk"]
+    revert = shape_bias(shared_data / "paper-responses" / "cue-conflict" / "cue-conflict_AlexNet-topK-10-Revert_session-1.csv")
+    assert result["paper_shape_bias"]["AlexNet"]["10"] == pytest.approx(revert)
+    assert result["paper_shape_bias"]["AlexNet"]["dense"] == pytest.approx(
+        shape_bias(shared_data / "paper-responses" / "cue-conflict" / "cue-conflict_AlexNet-normal_session-1.csv"))
+    assert "VGG" not in result["paper_shape_bias"]  # the paper recorded no VGG Revert runs
+
+
 def test_recipe_compares_models_on_stimuli_decoded_once(shared_data, tmp_path, monkeypatch, capsys):
     seed_everything(3)
     checkpoint = tmp_path / "shufflenet.pth"
