@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 from topk_plugin.recipes._common import SHARED_DATA, prepare_out, recipe_parser, save_config, write_csv, write_json
 from topk_plugin.recipes.vgg_features import (RANDOM_NOTE, VGGRunConfig, add_vgg_args, build_extractor, gram,
@@ -40,12 +39,14 @@ class TextureConfig(VGGRunConfig):
 
 
 def texture_loss(extractor: torch.nn.Module, target: torch.Tensor, layer_weight: float) -> Callable:
-    """Weighted Gram-matrix MSE to ``target``, both through ``extractor`` as it is now (its Top-K mode)."""
+    """Gram-matrix loss to ``target``, both through ``extractor`` as it is now (its Top-K mode): per layer,
+    ``layer_weight / 4`` times the summed squared difference of the Gram matrices, as the authors' code (a mean
+    instead of the sum would weigh a layer of C channels C^2 times less, and deep layers almost not at all)."""
     with torch.no_grad():
         targets = {name: gram(f) for name, f in extractor(target).items()}
 
     def loss(image: torch.Tensor) -> torch.Tensor:
-        return sum(layer_weight * F.mse_loss(gram(f), targets[name]) for name, f in extractor(image).items())
+        return sum(layer_weight / 4 * (gram(f) - targets[name]).square().sum() for name, f in extractor(image).items())
 
     return loss
 

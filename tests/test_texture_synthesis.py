@@ -26,8 +26,9 @@ def test_without_topk_grams_use_the_core_non_topk_responses_of_both_images():
         assert torch.equal(masked[name], torch.where(topk_mask(f, 0.05), 0.0, f))
     loss = texture_loss(extractor, target, 2.0)(image)
     d_target, d_image = dense(target), dense(image)
-    expected = sum(2.0 * (gram(topk(d_image[n], 0.05, mode="non_topk"))
-                          - gram(topk(d_target[n], 0.05, mode="non_topk"))).square().mean() for n in LAYERS)
+    # the authors' GramLossHook: weight / 4 times the summed squared Gram difference, per layer
+    expected = sum(2.0 / 4 * (gram(topk(d_image[n], 0.05, mode="non_topk"))
+                              - gram(topk(d_target[n], 0.05, mode="non_topk"))).square().sum() for n in LAYERS)
     torch.testing.assert_close(loss, expected)
     set_topk_mode(extractor, "identity")
     assert texture_loss(extractor, target, 1.0)(target).item() == 0.0
