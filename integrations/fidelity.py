@@ -48,17 +48,22 @@ class FidProtocol:
         batch_statistics: sample the generator in training mode (BatchNorm normalises each batch by its
             own statistics, as the fork never calls ``eval()``), in batches of ``batch_size``; generated
             images also go through the fork's nearest-neighbour resize to 512 and back to ``size``.
+        kid_seed: the seed of every draw's KID subsets; ``None``: the call's ``seed`` (+ the draw's number), as
+            torch-fidelity's ``rng_seed``. The fork scores image sets without one: torch-fidelity's default.
     """
 
     kid_subset_size: int
     repeats: int
     fork_range: bool
     batch_statistics: bool
+    kid_seed: int | None = None
 
 
+TORCH_FIDELITY_DEFAULT_SEED = 2020
 PROTOCOLS = {
     "standard": FidProtocol(kid_subset_size=1000, repeats=1, fork_range=False, batch_statistics=False),
-    "paper": FidProtocol(kid_subset_size=100, repeats=3, fork_range=True, batch_statistics=True),
+    "paper": FidProtocol(kid_subset_size=100, repeats=3, fork_range=True, batch_statistics=True,
+                         kid_seed=TORCH_FIDELITY_DEFAULT_SEED),
 }
 
 
@@ -341,7 +346,8 @@ def fid_kid(generated, real, *, weights_path: str | Path | None, nz: int | None 
             real_features, real_statistics = reference
             generated_features = _features(source, extractor, layer, num_samples, seed + repeat, options)
             fid = fid_statistics_to_metric(fid_features_to_statistics(generated_features), real_statistics, verbose)
-            kid = kid_features_to_metric(generated_features, real_features, rng_seed=seed + repeat, verbose=verbose,
+            kid_seed = seed + repeat if rules.kid_seed is None else rules.kid_seed
+            kid = kid_features_to_metric(generated_features, real_features, rng_seed=kid_seed, verbose=verbose,
                                          kid_subset_size=min(kid_subset_size, num_real, num_generated))
             draws.append({**fid, **kid})
     finally:

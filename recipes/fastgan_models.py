@@ -225,9 +225,10 @@ class Discriminator(nn.Module):
         width = {r: max(1, int(m * ndf)) for r, m in DISC_WIDTH.items()}
         top = min(size, 256)  # features start at 256x256 at most; bigger images are strided down first
         stem, r, c = [], size, nc
-        while r > top:
+        while r > top:  # every strided convolution after the first is batch-normalised (official 1024 px)
             r //= 2
-            stem += [conv(c, width[2 * r], 4, 2, 1, bias=False), nn.LeakyReLU(0.2)]
+            norm = [nn.BatchNorm2d(width[2 * r])] if stem else []
+            stem += [conv(c, width[2 * r], 4, 2, 1, bias=False), *norm, nn.LeakyReLU(0.2)]
             c = width[2 * r]
         if not stem:
             stem = [conv(nc, width[2 * top], 3, 1, 1, bias=False), nn.LeakyReLU(0.2)]

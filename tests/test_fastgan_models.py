@@ -63,6 +63,17 @@ def test_discriminator_matches_the_official_parameter_count():
     assert count == 11_526_160  # official FastGAN at ndf=64, 256 px (decoders fixed at width 32)
 
 
+def test_the_1024_discriminator_normalises_its_second_strided_convolution():
+    """Official FastGAN at 1024 px: conv, LeakyReLU, conv, BatchNorm, LeakyReLU before the 256 px features."""
+    stem = Discriminator(1024, ndf=64).from_big
+    kinds = [type(m).__name__.removeprefix("Parametrized") for m in stem]  # spectral-normed convolutions
+    assert kinds == ["Conv2d", "LeakyReLU", "Conv2d", "BatchNorm2d", "LeakyReLU"]
+    assert stem[3].num_features == stem[2].out_channels
+    assert sum(p.numel() for p in Discriminator(1024, ndf=64).parameters()) == 11_528_192
+    assert [type(m).__name__.removeprefix("Parametrized") for m in Discriminator(512, ndf=64).from_big] == [
+        "Conv2d", "LeakyReLU"]
+
+
 def test_se_gate_none_is_the_raw_conv_output_and_sigmoid_squashes_it():
     torch.manual_seed(0)
     raw_gate = SkipLayerExcitation(4, 6, gate="none").eval()

@@ -108,9 +108,10 @@ def test_kept_extractor_and_reference_features_give_torch_fidelity_s_scores(tmp_
         torch_fidelity.GenerativeModelModuleWrapper(fidelity._ToUint8(generator), 4, "normal", 0), str(folder),
         inception_weights, input1_model_num_samples=3, kid_subset_size=3, rng_seed=3)
     paper = fid_kid(generated, real, protocol="paper", **options)
+    # the fork scores image sets with torch-fidelity's default seed (2020) for the KID subsets of every draw
     assert _scores(paper) == _torch_fidelity(
         fidelity._Uint8Images(fidelity.fork_uint8(generated / 255)),
-        fidelity._Uint8Images(fidelity.fork_uint8(real / 255)), inception_weights, kid_subset_size=3, rng_seed=3)
+        fidelity._Uint8Images(fidelity.fork_uint8(real / 255)), inception_weights, kid_subset_size=3, rng_seed=2020)
     assert fidelity._extractor.cache_info().misses == 1  # one Inception for every call
     # a changed reference is never scored from features kept for its old content
     Image.fromarray(generated[0].permute(1, 2, 0).numpy()).save(folder / "0.png")
