@@ -261,12 +261,13 @@ def paper_runs(folder: Path | None, mode: str = "topk") -> dict[str, dict[str, d
 
 # ----------------------------------------------------------------------------- plots
 
-def _k_axis(ks: list) -> tuple[list, str, bool]:
+def _k_axis(ks: list, mode: str) -> tuple[list, str, bool]:
     """x positions, axis label, and whether they are percentages (then the paper's runs can be drawn)."""
+    fate = "removed" if mode == "non_topk" else "kept"  # non_topk keeps all but the Top-K
     if all(isinstance(k, float) for k in ks):
-        return [k * 100 for k in ks], "K (% of positions kept per channel)", True
+        return [k * 100 for k in ks], f"K (% of positions per channel: the Top-K {fate})", True
     if all(isinstance(k, int) for k in ks):
-        return list(ks), "K (positions kept per channel)", False
+        return list(ks), f"K (positions per channel: the Top-K {fate})", False
     return list(range(len(ks))), "K", False
 
 
@@ -285,7 +286,7 @@ def _model_colors(count: int) -> list:
 def plot_bias_vs_k(summary, config: ShapeBiasConfig, humans, paper: dict, out: Path) -> list[Path]:
     """One curve per model over K, its dense run dashed; the paper's runs of the same architecture beside it."""
     plt = pyplot()
-    x, xlabel, percent = _k_axis(config.ks)
+    x, xlabel, percent = _k_axis(config.ks, config.mode)
     fig, ax = plt.subplots(figsize=(7, 4.6))
     for model, color in zip(config.models, _model_colors(len(config.models))):
         runs = summary[summary["model"] == model]

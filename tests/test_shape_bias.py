@@ -285,6 +285,8 @@ def test_a_non_topk_run_is_named_and_compared_as_one(shared_data, tmp_path):
     assert result["paper_shape_bias"]["AlexNet"]["dense"] == pytest.approx(
         shape_bias(shared_data / "paper-responses" / "cue-conflict" / "cue-conflict_AlexNet-normal_session-1.csv"))
     assert "VGG" not in result["paper_shape_bias"]  # the paper recorded no VGG Revert runs
+    assert "the Top-K removed" in recipe._k_axis([0.1], "non_topk")[1]
+    assert "the Top-K kept" in recipe._k_axis([0.1], "topk")[1]
 
 
 def test_recipe_compares_models_on_stimuli_decoded_once(shared_data, tmp_path, monkeypatch, capsys):
