@@ -141,16 +141,11 @@ def k_list(text: str) -> list[float | int]:
     items = [item for item in text.split(",")]
     if not text.strip() or any(not item.strip() for item in items):
         raise argparse.ArgumentTypeError(f"{text!r}: give comma-separated K values such as 0.05,0.1 or 12")
-    values = []
-    for item in items:
-        try:
-            value = parse_k(item)
-        except SystemExit as err:
-            raise argparse.ArgumentTypeError(str(err).removeprefix("--k ")) from None
-        # 1 (a count) and 1.0 (every position) differ; 0.1 and 0.10 do not
-        if any(type(v) is type(value) and v == value for v in values):
-            raise argparse.ArgumentTypeError(f"{text!r}: K {value!r} is given more than once")
-        values.append(value)
+    try:
+        values = [parse_k(item) for item in items]
+        check_distinct(repr(text), values)  # by repr: 1 (a count) and 1.0 (every position) differ, 0.1 and 0.10 not
+    except SystemExit as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--k ")) from None
     return values
 
 

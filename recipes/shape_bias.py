@@ -249,14 +249,10 @@ def paper_runs(folder: Path | None, mode: str = "topk") -> dict[str, dict[str, d
         return runs
     for path in sorted((folder / cc.CUE_CONFLICT).glob("*.csv")):
         match = PAPER_RUN.match(path.name)
-        if match and match["k"] and PAPER_RUNS_OF_MODE.get(mode) == bool(match["revert"]):
-            runs.setdefault(match["arch"], {})[match["k"]] = shape_texture_fractions(path)
-    for path in sorted((folder / cc.CUE_CONFLICT).glob("*.csv")):
-        match = PAPER_RUN.match(path.name)
-        if match and not match["k"] and match["arch"] in runs:
-            runs[match["arch"]]["dense"] = shape_texture_fractions(path)
+        if match and (not match["k"] or PAPER_RUNS_OF_MODE.get(mode) == bool(match["revert"])):
+            runs.setdefault(match["arch"], {})[match["k"] or "dense"] = shape_texture_fractions(path)
     return {arch: dict(sorted(r.items(), key=lambda kv: -1 if kv[0] == "dense" else int(kv[0])))
-            for arch, r in runs.items()}
+            for arch, r in runs.items() if set(r) != {"dense"}}
 
 
 # ----------------------------------------------------------------------------- plots

@@ -13,8 +13,8 @@ earliest positions in row-major order win, so the result is deterministic on eve
 is Eq. 1 read literally: every entry whose magnitude is >= the K-th largest is kept.
 
 The work is done by ops registered with ``torch.library`` (``_library.py``: the C kernel on CPU, a Triton
-kernel on CUDA, a torch path elsewhere), so ``torch.compile``, ``torch.export`` and ONNX export see one op. Without a gradient
-to compute, only the values are written; with one, autograd keeps only the boolean mask.
+kernel on CUDA, a torch path elsewhere), so ``torch.compile``, ``torch.export`` and ONNX export see one op.
+Without a gradient to compute, only the values are written; with one, autograd keeps only the boolean mask.
 """
 from __future__ import annotations
 
