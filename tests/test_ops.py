@@ -1,4 +1,6 @@
 """Properties of the Top-K op against a plain reference written here."""
+import contextlib
+
 import pytest
 import torch
 from hypothesis import assume, given, settings
@@ -6,7 +8,7 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from topk_plugin import TopK, keep_count, topk, topk_mask
+from topk_plugin import TopK, _library, keep_count, topk, topk_mask
 from topk_plugin.ops import MODES
 
 from conftest import needs_cuda
@@ -478,6 +480,135 @@ def test_backward_writes_only_the_masked_gradient():
     assert torch.equal(g, torch.where(topk_mask(x, 0.25), grad, 0))
     ops = {name.split(".")[1] for name in log.names}  # "aten.zeros_like.default" -> "zeros_like"
     assert not {"zeros", "zeros_like", "zero_", "fill_", "full"} & ops, log.names
+
+
+
+# ----------------------------------------------------------------------------- eager calls without the dispatcher
+
+class DispatchedOps:
+    """Stands in for ``torch.ops.topk_plugin`` in ``_library``: records which ops go through the dispatcher."""
+
+    def __init__(self):
+        self.names = []
+
+    def __getattr__(self, name):
+        self.names.append(name)
+        return getattr(OPS, name)
+
+
+class PassFunctionMode(torch.overrides.TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def _under(context, x, fn):
+    if context == "vmap":
+        return torch.func.vmap(fn)(x.unsqueeze(0)).squeeze(0)
+    manager = {"plain": contextlib.nullcontext, "no_grad": torch.no_grad, "inference_mode": torch.inference_mode,
+               "grad": contextlib.nullcontext, "profiler": torch.profiler.profile, "dispatch mode": OpLog,
+               "function mode": PassFunctionMode, "fake tensors": FakeTensorMode}[context]()
+    with manager:
+        if context == "fake tensors":
+            x = manager.from_tensor(x)
+        return fn(x)
+
+
+@pytest.mark.parametrize("context, dispatched", [
+    ("plain", False), ("no_grad", False), ("inference_mode", False), ("grad", True), ("profiler", True),
+    ("dispatch mode", True), ("function mode", True), ("fake tensors", True), ("vmap", True)])
+@pytest.mark.parametrize("mode", ["topk", "non_topk", "mean_replace"])
+def test_only_plain_eager_calls_skip_the_dispatcher(monkeypatch, context, dispatched, mode):
+    """Autograd, tracing, modes, subclasses, transforms and the profiler must all see the op; nothing else
+    needs the dispatcher's round trip, and skipping it changes no result."""
+    if mode == "mean_replace" and context == "grad":
+        dispatched = False  # its mask is of the detached input: autograd has nothing to see
+    ops = DispatchedOps()
+    monkeypatch.setattr(_library, "_OPS", ops)
+    x = torch.randn(2, 3, 6, 6).requires_grad_(context in ("no_grad", "grad"))
+    out = _under(context, x, lambda t: topk(t, 0.25, mode=mode))
+    assert bool({"topk", "topk_mask", "topk_with_mask"} & set(ops.names)) == dispatched, ops.names
+    monkeypatch.undo()
+    with OpLog():  # a dispatch mode: the call goes through the dispatcher
+        expected = topk(x, 0.25, mode=mode)
+    assert out.shape == expected.shape
+    if context != "fake tensors":
+        assert torch.equal(out, expected)
+
+
+def test_a_subclass_goes_through_the_dispatcher(monkeypatch):
+    ops = DispatchedOps()
+    monkeypatch.setattr(_library, "_OPS", ops)
+    topk(torch.randn(1, 2, 4, 4).as_subclass(torch.nn.Parameter), 0.25)
+    assert "topk" in ops.names
+
+
+def test_the_profiler_records_the_op():
+    with torch.profiler.profile() as profile:
+        topk(torch.randn(1, 2, 4, 4), 0.25)
+    assert "topk_plugin::topk" in {event.name for event in profile.events()}
+
+
+@settings(max_examples=60, deadline=None)
+@given(x=feature_maps(specials), k=ks, ties=st.sampled_from(["first", "all"]), mode=st.sampled_from(MODES),
+       kind=st.sampled_from(["spatial", "token"]))
+def test_a_direct_call_equals_the_registered_op(x, k, ties, mode, kind):
+    if kind == "token":
+        x = x.flatten(2).transpose(1, 2)  # (N, T, D) with D = the map's channels
+    direct = topk(x, k, mode=mode, kind=kind, ties=ties)
+    with OpLog():  # a dispatch mode: the call goes through the dispatcher
+        dispatched = topk(x, k, mode=mode, kind=kind, ties=ties)
+    assert torch.equal(direct.isnan(), dispatched.isnan())
+    assert torch.equal(direct.nan_to_num(), dispatched.nan_to_num())
+
+
+
+# ----------------------------------------------------------------------------- torch.func
+
+def _inputs(kind):
+    """A batch of 3 samples for ``kind``, and the prefix tokens it has."""
+    if kind == "token":
+        return torch.randn(3, 2, 9, 4), 1  # per sample (N, T, D) with a CLS token
+    return torch.randn(3, 2, 4, 6, 6), 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["spatial", "token"])
+def test_vmap_equals_a_loop_in_one_kernel_call(monkeypatch, mode, kind):
+    """The vmapped dimension folds into the batch: per-sample results, from one call of the kernel."""
+    batch, prefix = _inputs(kind)
+    fn = lambda t: topk(t, 0.3, mode=mode, kind=kind, num_prefix_tokens=prefix)  # noqa: E731
+    expected = torch.stack([fn(sample) for sample in batch])
+    calls = []
+    run = _library._run
+    monkeypatch.setattr(_library, "_run", lambda *a, **kw: calls.append(a[0].shape) or run(*a, **kw))
+    assert torch.equal(torch.func.vmap(fn, in_dims=2)(batch.movedim(0, 2)), expected)  # any vmapped dimension
+    assert len(calls) == (mode != "identity"), calls
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["spatial", "token"])
+def test_torch_func_grad_and_per_sample_grads_equal_autograd(mode, kind):
+    batch, prefix = _inputs(kind)
+    weight = torch.randn(batch.shape[1:])
+    loss = lambda t: (topk(t, 0.3, mode=mode, kind=kind, num_prefix_tokens=prefix) * weight).pow(2).sum()  # noqa: E731
+    per_sample = []
+    for sample in batch:
+        sample = sample.clone().requires_grad_()
+        loss(sample).backward()
+        per_sample.append(sample.grad)
+    assert torch.equal(torch.func.grad(loss)(batch[0]), per_sample[0])
+    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(batch), torch.stack(per_sample))
+
+
+def test_jacobian_and_second_derivative_under_torch_func():
+    x = torch.randn(1, 2, 3, 3)
+    mask = topk_mask(x, 0.4).flatten().float()
+    jacobian = torch.func.jacrev(lambda t: topk(t, 0.4))(x).reshape(x.numel(), x.numel())
+    assert torch.equal(jacobian, torch.diag(mask))
+    # d/dx sum(d/dx sum(topk(x)^3)) = d/dx sum(3 x^2 [kept]) = 6 x [kept]
+    inner = torch.func.grad(lambda t: topk(t, 0.4).pow(3).sum())
+    second = torch.func.grad(lambda t: inner(t).sum())(x)
+    torch.testing.assert_close(second, 6 * x * mask.reshape(x.shape))
 
 
 # ----------------------------------------------------------------------------- measurement

@@ -7,6 +7,8 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from topk_plugin import _select, _triton, keep_count, topk, topk_mask
+from topk_plugin import TopK, TopKSpec, _select, _triton, keep_count, sparsify, topk, topk_mask
 from topk_plugin._library import _BITS_AS_INT, ranked_positions
 from topk_plugin.ops import MODES, topk_and_mask
 
@@ -304,6 +306,26 @@ def test_long_and_short_rows_with_ties_and_nan_match_reference_on_any_thread_cou
 
 
 @needs_kernel
+def test_python_threads_calling_at_once_get_their_own_results():
+    """The kernel runs with the GIL released and reuses a scratch buffer: each Python thread must have its own."""
+    inputs = [torch.randn(16, 64, 13, 13).relu() for _ in range(4)]
+    expected = [reference_mask(x, keep_count(0.1, 169), "spatial", "first") for x in inputs]
+    failures = []
+
+    def work(i):
+        for _ in range(30):
+            if not torch.equal(topk_mask(inputs[i], 0.1), expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not failures
+
+
+@needs_kernel
 @settings(max_examples=80, deadline=None)
 @given(hw=st.sampled_from([(1, 1), (1, 2), (6, 6), (5, 7), (1, 33), (3, 11), (13, 13), (16, 17), (27, 27),
                            (23, 37), (55, 55)]),
@@ -478,6 +500,7 @@ def test_benchmark_baseline_is_the_same_op_and_smoke_run_writes_its_table(tmp_pa
             assert row["clone_ms"] > 0 and row["ours/clone_paired"] > 0
         else:
             assert abs(row["ours_overhead_paired_%"]) < 1000 and abs(row["baseline_overhead_paired_%"]) < 1000
+            assert 0 < row["ours_layers_in_model_ms"] < row["ours_ms"]
     with open(out / "bench_topk.csv") as f:
         assert [r["case"] for r in csv.DictReader(f)] == [r["case"] for r in rows]
     assert (out / "bench_topk.png").stat().st_size > 0 and (out / "bench_topk.pdf").stat().st_size > 0
@@ -489,6 +512,27 @@ def test_benchmark_baseline_is_the_same_op_and_smoke_run_writes_its_table(tmp_pa
         with pytest.raises(SystemExit):
             bench.main([option, "0", "--out", str(tmp_path / "bad")])
         assert not (tmp_path / "bad").exists()
+
+
+class Sleep(torch.nn.Module):
+    def __init__(self, seconds):
+        super().__init__()
+        self.seconds = seconds
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return x
+
+
+def test_benchmark_times_only_the_topk_layers_inside_the_model(monkeypatch):
+    """The in-model figure sums the Top-K layers' own calls: not the model's other layers, and every call."""
+    bench = _load_benchmark()
+    model = sparsify(torch.nn.Sequential(Sleep(0.05), torch.nn.ReLU(), torch.nn.ReLU()), TopKSpec(["1", "2"], 0.5))
+    forward = TopK.forward
+    monkeypatch.setattr(TopK, "forward", lambda self, x: (time.sleep(0.01), forward(self, x))[1])
+    ms = bench.layer_time_in_model(model, torch.randn(1, 2, 4, 4), torch.device("cpu"), repeats=3)
+    assert 20 <= ms < 50, ms  # two layers of >= 10 ms each; the 50 ms module excluded
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())  # hooks removed
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

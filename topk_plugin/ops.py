@@ -22,6 +22,7 @@ import numbers
 
 import torch
 
+from . import _library
 from ._library import KINDS, TIES, check_choice, check_layout, check_prefix, check_prefix_fits, ranked_positions
 
 
@@ -67,7 +68,7 @@ def topk_mask(x: torch.Tensor, k, *, kind: str = "spatial", ties: str = "first",
               num_prefix_tokens: int = 0) -> torch.Tensor:
     """Boolean mask, shaped like ``x``, of the Top-K responses of each channel (prefix tokens: True)."""
     count, prefix = _resolve(x, k, kind, ties, num_prefix_tokens)
-    return torch.ops.topk_plugin.topk_mask(x.detach(), count, kind, ties, prefix)
+    return _library.topk_mask(x.detach(), count, kind, ties, prefix)
 
 
 def _channel_mean_of_kept(x: torch.Tensor, mask: torch.Tensor, kind: str, prefix: int) -> torch.Tensor:
@@ -89,13 +90,13 @@ def _keep(invert: bool):
     traced graph does not depend on the grad mode at tracing time."""
     def apply(x, count, kind, ties, prefix, with_mask):
         if with_mask or torch.jit.is_tracing():
-            return torch.ops.topk_plugin.topk_with_mask(x, count, kind, ties, prefix, invert)
-        return torch.ops.topk_plugin.topk(x, count, kind, ties, prefix, invert), None
+            return _library.topk_with_mask(x, count, kind, ties, prefix, invert)
+        return _library.topk_values(x, count, kind, ties, prefix, invert), None
     return apply
 
 
 def _mean_replace(x, count, kind, ties, prefix, with_mask):
-    mask = torch.ops.topk_plugin.topk_mask(x.detach(), count, kind, ties, prefix)
+    mask = _library.topk_mask(x.detach(), count, kind, ties, prefix)
     return _channel_mean_of_kept(x, mask, kind, prefix), mask
 
 
