@@ -361,13 +361,11 @@ def _(*args):
 # ----------------------------------------------------------------------------- vmap
 
 # Rows are (sample, channel) pairs, so a vmapped dimension folds into the batch dimension: one kernel call for
-# the whole vmap instead of torch's per-sample fallback loop.
+# the whole vmap instead of torch's per-sample fallback loop. torch calls a rule only when a tensor argument is
+# vmapped: for these ops, x.
 def _vmap_select(name: str):
     def rule(info, in_dims, x, *args):
-        folded = x.movedim(in_dims[0], 0).flatten(0, 1) if in_dims[0] is not None else x
-        out = getattr(_OPS, name)(folded, *args)
-        if in_dims[0] is None:
-            return out, (None,) * len(out) if isinstance(out, tuple) else None
+        out = getattr(_OPS, name)(x.movedim(in_dims[0], 0).flatten(0, 1), *args)
         unfold = lambda t: t.unflatten(0, (info.batch_size, -1))  # noqa: E731
         return (tuple(map(unfold, out)), (0,) * len(out)) if isinstance(out, tuple) else (unfold(out), 0)
     return rule
